@@ -1,0 +1,200 @@
+"""Typed configuration with the paper's defaults (ToCoAD §4.1.3), loadable from YAML.
+
+Every section is a dataclass; unknown keys and wrongly typed values are errors that name the key,
+so a typo in a YAML file never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid."""
+
+
+@dataclass
+class DataConfig:
+    """Image geometry. Paper protocol: resize 256×256, centre crop 224 (``crop_size=None``: no crop)."""
+
+    layout: str = "mvtec"  # mvtec | visa | btad | folder | elpv
+    image_size: int = 256
+    crop_size: int | None = 224
+    keep_aspect: bool = False  # True: resize the short side, then crop; False: squash to square
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ConfigError(f"data.image_size must be >= 32, got {self.image_size}")
+        if self.crop_size is not None and not 32 <= self.crop_size <= self.image_size:
+            raise ConfigError(f"data.crop_size must be in [32, image_size={self.image_size}], got {self.crop_size}")
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square tensor the network sees (and metrics are computed at)."""
+        return self.crop_size or self.image_size
+
+
+@dataclass
+class BackboneConfig:
+    """Feature extractor F. ``weights``: "pretrained" (resolve offline, error if absent), "random"
+    (explicit random init, for tests), or a path to a .safetensors / .pth state dict."""
+
+    name: str = "tf_efficientnet_lite0"
+    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
+    weights: str = "pretrained"
+    stage2_layers: list[str] = field(default_factory=lambda: ["blocks.4", "blocks.6"])  # layer-3/4 analogues for C
+
+
+@dataclass
+class BankConfig:
+    """PatchCore memory bank M (ToCoAD §3.3, eq. 7-9)."""
+
+    patch_size: int = 3  # neighbourhood aggregation window
+    coreset_ratio: float = 0.1
+    projection_dim: int | None = 128  # random projection for coreset selection when d > this
+    num_neighbors: int = 9  # b in eq. 9
+    blur_sigma: float = 4.0
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda
+    faiss_gpu: bool = True  # use a faiss GPU index when faiss-gpu and a GPU are present
+    threshold_quantile: float = 0.99  # default verdict threshold: this quantile of held-out normal scores
+    threshold_images: int = 64  # training images scored leave-one-image-out for score statistics
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ConfigError(f"bank.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.num_neighbors < 1:
+            raise ConfigError(f"bank.num_neighbors must be >= 1, got {self.num_neighbors}")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ConfigError(f"bank.patch_size must be a positive odd number, got {self.patch_size}")
+        if not 0.0 < self.threshold_quantile < 1.0:
+            raise ConfigError(f"bank.threshold_quantile must be in (0, 1), got {self.threshold_quantile}")
+
+
+@dataclass
+class Config:
+    """Top-level configuration of a fit. ``method``: patchcore | tocoad | reconpatch."""
+
+    method: str = "patchcore"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+METHODS = {"patchcore", "tocoad", "reconpatch"}
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Validate (and lightly coerce int→float) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; known: {sorted(known)}")
+    kwargs = {k: _check_type(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded above
+        raise ConfigError(str(e)) from e
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config file (or the defaults) and apply dotted ``overrides`` like {"bank.coreset_ratio": 0.01}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {p} is not a section")
+        node[leaf] = value
+    return from_dict(Config, data)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that re-runs validation."""
+    return dataclasses.replace(cfg, **changes)
