@@ -79,6 +79,71 @@ class BankConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """Anomaly generator G (§3.1). ``kind``: perlin | cutpaste | cutpaste_scar | nsa."""
+
+    kind: str = "perlin"
+    texture_dir: str | None = None  # DTD-style folder; None: procedural textures
+    normal_prob: float = 0.5
+    rotate: bool = True  # small random + 90° rotations of the base image (ToCoAD)
+
+
+@dataclass
+class Stage1Config:
+    """Discriminative network pre-training (DNP, §3.1/§4.1.3): D on G's samples over frozen F."""
+
+    enabled: bool = True
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-4  # Adam
+    lr_decay: float = 0.2  # ×0.2 at 80 % and 90 % of the epochs
+    loss: str = "focal"  # focal | ce
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25  # α_t of eq. 2 for the anomalous class
+    max_steps_per_epoch: int | None = None  # cap for CPU smoke runs
+
+
+@dataclass
+class Stage2Config:
+    """Negative-guided contrastive learning (NCL, §3.2): fine-tune F with C and frozen D.
+
+    L_ncl = λ·L_sym + (1−λ)·L_focal (eq. 6).
+    """
+
+    enabled: bool = True
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 0.01  # SGD, cosine schedule
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lam: float = 0.5  # λ
+    num_views: int = 2  # M
+    loss: str = "focal"  # focal | ce, for the negative term
+    target: str = "simsiam"  # simsiam | byol (EMA target)
+    ema_decay: float = 0.99  # byol only
+    proj_dim: int = 512
+    pred_hidden: int = 128
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class ReConPatchConfig:
+    """ReConPatch: linear modulation of patch features trained with relaxed contrastive loss."""
+
+    epochs: int = 30
+    batch_size: int = 512  # patches per step
+    lr: float = 1e-4
+    out_dim: int | None = None  # modulated feature dim; None: same as input
+    proj_dim: int = 128
+    ema_decay: float = 0.99
+    sigma: float = 1.0  # pairwise Gaussian kernel width
+    k: int = 5  # contextual k-NN
+    alpha: float = 0.5  # w = α·w_p + (1−α)·w_c
+    margin: float = 0.1
+    max_patches: int = 200_000  # patches sampled from the training set per epoch
+
+
+@dataclass
 class Config:
     """Top-level configuration of a fit. ``method``: patchcore | tocoad | reconpatch."""
 
@@ -87,6 +152,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     bank: BankConfig = field(default_factory=BankConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    reconpatch: ReConPatchConfig = field(default_factory=ReConPatchConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -1,0 +1,69 @@
+"""Feature extractor F: a timm ``features_only`` network returning named layers.
+
+Layers are named by module (``blocks.2``, ``layer2``) so configs read like the paper: WideResNet50
+``layer2``+``layer3``, EfficientNet-Lite0 analogues ``blocks.2`` (stride 8) + ``blocks.4`` (stride 16).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .weights import WeightsError, load_into, load_state_dict_file, resolve_pretrained, state_dict_sha256
+
+
+class FeatureExtractor(nn.Module):
+    """F(x) → {layer name: feature map}. ``weights``: "pretrained" | "random" | path to a state dict."""
+
+    def __init__(self, name: str = "tf_efficientnet_lite0", layers: list[str] | tuple[str, ...] = ("blocks.2", "blocks.4"),
+                 weights: str = "pretrained"):
+        super().__init__()
+        import timm
+
+        self.name = name
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("backbone.layers must name at least one layer")
+        probe = timm.create_model(name, pretrained=False, features_only=True)
+        available = probe.feature_info.module_name()
+        missing = [l for l in self.layers if l not in available]
+        if missing:
+            raise ValueError(f"backbone {name!r} has no feature layer(s) {missing}; available: {available}")
+        out_indices = sorted(available.index(l) for l in self.layers)
+        self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
+        names = self.body.feature_info.module_name()
+        self._order = [names.index(l) for l in self.layers]
+        self.channels = {l: self.body.feature_info.channels()[names.index(l)] for l in self.layers}
+        self.reductions = {l: self.body.feature_info.reduction()[names.index(l)] for l in self.layers}
+        cfg = probe.pretrained_cfg
+        self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.weights_source = "random"
+        if weights == "pretrained":
+            sd, self.weights_source = resolve_pretrained(name)
+            load_into(self.body, sd, self.weights_source)
+        elif weights != "random":
+            load_into(self.body, load_state_dict_file(weights), str(weights))
+            self.weights_source = f"file:{weights}"
+        self.weights_sha256 = state_dict_sha256(self.body.state_dict())
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.body(x)
+        return {l: feats[i] for l, i in zip(self.layers, self._order)}
+
+    def refresh_checksum(self) -> str:
+        """Recompute the weights checksum after fine-tuning (ToCoAD stage II)."""
+        self.weights_sha256 = state_dict_sha256(self.body.state_dict())
+        return self.weights_sha256
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" → cuda when available, else cpu. Asking for cuda without a GPU is an error, not a fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use device: auto or cpu")
+    return dev
+
+
+__all__ = ["FeatureExtractor", "WeightsError", "resolve_device"]
