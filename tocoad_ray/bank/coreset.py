@@ -39,10 +39,22 @@ def greedy_coreset(
     if n == 0:
         raise ValueError("coreset selection needs at least one feature vector")
     n_select = int(max(1, min(n_select, n)))
-    z = random_projection(x, projection_dim, seed)
+    z = _pca_rotate(random_projection(x, projection_dim, seed))
     rng = np.random.default_rng(seed)
     first = int(rng.integers(n))
     return _greedy_pruned(z, n_select, first, progress)
+
+
+def _pca_rotate(z: np.ndarray) -> np.ndarray:
+    """Rotate onto principal axes. Distances are unchanged (orthogonal map), but the leading
+    coordinates now carry most of the spread, so they give a tight, cheap *lower bound* on distances."""
+    zc = z - z.mean(0, keepdims=True, dtype=np.float64).astype(np.float32)
+    cov = (zc.T.astype(np.float64) @ zc.astype(np.float64)) / max(len(z) - 1, 1)
+    _, vecs = np.linalg.eigh(cov)
+    return np.ascontiguousarray(zc @ vecs[:, ::-1].astype(np.float32))
+
+
+_LB_DIMS = 16  # leading principal coordinates used for the centre-centre lower bound
 
 
 def _greedy_pruned(z: np.ndarray, k: int, first: int, progress: bool) -> np.ndarray:
@@ -51,13 +63,23 @@ def _greedy_pruned(z: np.ndarray, k: int, first: int, progress: bool) -> np.ndar
     cz = np.empty((k, d), dtype=np.float32)  # selected centre coordinates, contiguous for the cdist
     centers[0] = first
     cz[0] = z[first]
+    cn = np.empty(k, dtype=np.float32)  # ‖c_j‖², for centre-centre distances as one gemv
+    cn[0] = float(z[first] @ z[first])
+    L = min(_LB_DIMS, d)
+    zl = np.ascontiguousarray(z[:, :L])
+    czl = np.empty((k, L), dtype=np.float32)  # leading coordinates of the centres
+    cnl = np.empty(k, dtype=np.float32)
+    czl[0] = zl[first]
+    cnl[0] = float(zl[first] @ zl[first])
+    flag = np.zeros(n, dtype=bool)  # scratch: points moved in this iteration
     mind = np.sqrt(((z - z[first]) ** 2).sum(1, dtype=np.float32))  # distance to own centre
-    # cluster membership as index arrays; radius[j] = max mind over cluster j
+    # Cluster j = points whose nearest centre is centre j, kept as sorted index arrays (sorted, so
+    # argmax ties go to the lowest index exactly as in the plain loop). radius[j] = max mind over j,
+    # far[j] = the point attaining it, so the next centre is found in O(k).
     members: list[np.ndarray] = [np.arange(n)]
-    radius = np.empty(k, dtype=np.float32)
+    radius = np.zeros(k, dtype=np.float32)
+    far = np.zeros(k, dtype=np.int64)
     radius[0] = mind.max()
-    # argmax point of each cluster, kept so the next centre is found in O(k)
-    far = np.empty(k, dtype=np.int64)
     far[0] = int(np.argmax(mind))
 
     bar = None
@@ -67,25 +89,51 @@ def _greedy_pruned(z: np.ndarray, k: int, first: int, progress: bool) -> np.ndar
         bar = tqdm(total=k, desc="coreset", unit="pt", mininterval=1.0)
         bar.update(1)
     for t in range(1, k):
-        j_star = int(np.argmax(radius[:t]))
+        r = radius[:t]
+        rmax = r.max()
+        if rmax <= 0.0:  # every point coincides with a centre: any further choice covers at radius 0
+            chosen = np.zeros(n, dtype=bool)
+            chosen[centers[:t]] = True
+            centers[t:] = np.flatnonzero(~chosen)[: k - t]
+            break
+        ties = np.flatnonzero(r == rmax)
+        j_star = int(ties[0]) if ties.size == 1 else int(ties[np.argmin(far[ties])])
         c = int(far[j_star])
         centers[t] = c
         zc = z[c]
         cz[t] = zc
-        # distance from the new centre to every existing centre: O(t·d), small next to N·d
-        dc = np.sqrt(((cz[:t] - zc) ** 2).sum(1, dtype=np.float32))
-        cand = np.flatnonzero(dc < 2.0 * radius[:t])
-        stolen = []
-        for j in cand:
-            idx = members[j]
-            dist = np.sqrt(((z[idx] - zc) ** 2).sum(1, dtype=np.float32))
-            moved = dist < mind[idx]
-            if not moved.any():
-                continue
-            keep = idx[~moved]
-            mv = idx[moved]
-            mind[mv] = dist[moved]
-            stolen.append(mv)
+        ncc = float(zc @ zc)
+        cn[t] = ncc
+        zcl = zl[c]
+        czl[t] = zcl
+        nccl = float(zcl @ zcl)
+        cnl[t] = nccl
+        # Cluster j can lose points only if ‖c − c_j‖ < 2·r_j (triangle inequality). First prune
+        # with the distance over the leading coordinates (a lower bound, 8x cheaper), then test the
+        # survivors exactly. The gemv form rounds differently from the exact point distances used
+        # below, so every test has slack: an extra candidate costs little, a missed one would not.
+        slack = 1e-3 * (rmax + float(np.sqrt(ncc)))
+        lb = np.sqrt(np.maximum(cnl[:t] - 2.0 * (czl[:t] @ zcl) + nccl, 0.0))
+        cand = np.flatnonzero(lb < 2.0 * r + slack)
+        dc_c = np.sqrt(np.maximum(cn[cand] - 2.0 * (cz[cand] @ zc) + ncc, 0.0))
+        ok = dc_c < 2.0 * r[cand] + slack
+        cand, dc_c = cand[ok], dc_c[ok]
+        lists = [members[j] for j in cand]
+        idx = np.concatenate(lists) if len(lists) > 1 else lists[0]
+        pos = np.repeat(np.arange(cand.size), [a.size for a in lists]) if len(lists) > 1 else np.zeros(idx.size, np.int64)
+        owner = cand[pos]
+        # point-level test: x can move only if mind(x) > ‖c − c_own(x)‖ / 2
+        sel = mind[idx] > 0.5 * dc_c[pos] - slack
+        idx_s, own_s = idx[sel], owner[sel]
+        dist = np.sqrt(((z[idx_s] - zc) ** 2).sum(1, dtype=np.float32))
+        moved = dist < mind[idx_s]
+        mv = idx_s[moved]
+        mind[mv] = dist[moved]
+        touched = np.unique(own_s[moved])
+        flag[mv] = True
+        for j in touched:
+            keep = members[j]
+            keep = keep[~flag[keep]]
             members[j] = keep
             if keep.size:
                 mk = mind[keep]
@@ -95,7 +143,8 @@ def _greedy_pruned(z: np.ndarray, k: int, first: int, progress: bool) -> np.ndar
             else:
                 radius[j] = 0.0
                 far[j] = c
-        new = np.concatenate(stolen) if stolen else np.array([c], dtype=np.int64)
+        flag[mv] = False
+        new = np.sort(mv) if mv.size else np.array([c], dtype=np.int64)
         mind[c] = 0.0
         members.append(new)
         mn = mind[new]
