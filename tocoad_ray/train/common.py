@@ -1,0 +1,133 @@
+"""Shared pieces of the ToCoAD trainers: deterministic per-step RNGs, batch iteration, the view
+augmentation set S (§3.2), image preparation and the extractor F with every level D needs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+
+from ..config import Config
+from ..data import Preprocess, read_image
+from ..models.backbone import FeatureExtractor
+
+STAGE_IDS = {"stage1": 1, "stage2": 2}
+
+
+def step_rng(seed: int, stage: int, epoch: int, step: int | None = None) -> np.random.Generator:
+    """Independent RNG per (seed, stage, epoch[, step]): a fixed seed reproduces a run and a resumed
+    run draws exactly the numbers the uninterrupted run would have drawn."""
+    key = [int(seed), int(stage), int(epoch)] + ([] if step is None else [int(step)])
+    return np.random.default_rng(key)
+
+
+def steps_per_epoch(n_images: int, batch_size: int, max_steps: int | None) -> tuple[int, int]:
+    """(batch size, steps): batch = min(batch_size, N); drop_last; capped by ``max_steps``."""
+    if n_images < 2:
+        raise ValueError(f"training needs at least 2 images, got {n_images}")
+    b = max(2, min(batch_size, n_images))  # BN in D / C needs >= 2 samples
+    steps = n_images // b
+    if max_steps is not None:
+        steps = min(steps, int(max_steps))
+    return b, max(1, steps)
+
+
+def iter_batches(images: Sequence[np.ndarray], batch_size: int, max_steps: int | None, seed: int, stage: int, epoch: int,
+                 make: Callable[[list[np.ndarray], np.random.Generator], dict]) -> Iterator[dict]:
+    """Yield the batches of one epoch: a seeded permutation of the images, then ``make(images, rng)``
+    with the per-step RNG. Pure function of (seed, stage, epoch): can run in a data worker."""
+    b, steps = steps_per_epoch(len(images), batch_size, max_steps)
+    order = step_rng(seed, stage, epoch).permutation(len(images))
+    for s in range(steps):
+        idx = order[s * b:(s + 1) * b]
+        yield make([images[i] for i in idx], step_rng(seed, stage, epoch, s))
+
+
+class ViewAugment:
+    """Augmentation set S (§3.2, as SimSiam [40]): RandomResizedCrop to the input size (scale
+    0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8, RandomGrayscale p = 0.2;
+    torchvision.transforms.v2 on a [0, 1] float 3xHxW tensor."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0)):
+        from torchvision.transforms import v2
+
+        self.size = int(size)
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(self.size, scale=scale, antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ])
+
+    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """Deterministic for ``seed``; the global torch RNG is left untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.transform(x).clamp(0.0, 1.0)
+
+
+def prepare_images(images: Sequence[np.ndarray | str | Path], preprocess: Preprocess) -> list[np.ndarray]:
+    """Read paths and resize every image once to the preprocessing geometry (before the centre
+    crop), so G works on ``image_size`` images and ``preprocess`` only crops afterwards."""
+    out = []
+    for img in images:
+        if isinstance(img, (str, Path)):
+            img = read_image(img)
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"training images must be uint8 HxWx3, got {img.dtype} {img.shape}")
+        rh, rw, _, _ = preprocess.geometry(*img.shape[:2])
+        if (rh, rw) != img.shape[:2]:
+            t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+            t = Fn.interpolate(t, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+            img = t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+        out.append(np.ascontiguousarray(img))
+    return out
+
+
+def needed_layers(cfg: Config) -> list[str]:
+    """Every feature level of F from the shallowest down to the deepest layer any part uses
+    (``backbone.layers``, and ``backbone.stage2_layers`` when stage II runs): D consumes them all."""
+    import timm
+
+    names = timm.create_model(cfg.backbone.name, pretrained=False, features_only=True).feature_info.module_name()
+    used = list(cfg.backbone.layers) + (list(cfg.backbone.stage2_layers) if cfg.stage2.enabled else [])
+    missing = [l for l in used if l not in names]
+    if missing:
+        raise ValueError(f"backbone {cfg.backbone.name!r} has no feature layer(s) {missing}; available: {names}")
+    return names[: max(names.index(l) for l in used) + 1]
+
+
+def build_extractor(cfg: Config, weights: str | None = None) -> FeatureExtractor:
+    """F with all ``needed_layers``; its ``body.state_dict()`` loads into any FeatureExtractor of the
+    same backbone with a subset of these layers (loading is by name)."""
+    return FeatureExtractor(cfg.backbone.name, layers=needed_layers(cfg), weights=weights or cfg.backbone.weights)
+
+
+def rng_state(seed: int) -> dict[str, Any]:
+    state: dict[str, Any] = {"seed": int(seed), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def seeded_init(seed: int, salt: int, build: Callable[[], Any]) -> Any:
+    """Build modules under a derived seed without touching the global RNG stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed) * 1009 + salt)
+        return build()
+
+
+def fingerprint(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

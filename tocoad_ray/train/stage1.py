@@ -1,0 +1,96 @@
+"""Stage I — discriminative network pre-training (DNP, ToCoAD §3.1, §4.1.3).
+
+F (pre-trained, frozen: eval mode, no gradients) extracts the pyramid of a pseudo-anomaly image
+I_G = G(I); D maps it to ŷ_G and is trained with L_dis = L_focal(ŷ_G, y_G) (eq. 2), or plain CE for
+the ablation (``stage1.loss="ce"``). Adam(lr), MultiStepLR ×``lr_decay`` at 80 % / 90 % of epochs.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data import Preprocess
+from ..models.backbone import FeatureExtractor
+from ..models.discriminator import Discriminator
+from .base import StageTrainer, milestones
+from .common import seeded_init
+from .losses import ce_loss, focal_loss
+
+
+def make_stage1_batch(images_uint8: list[np.ndarray], generator, preprocess: Preprocess,
+                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """T_G batch (eq. 1): each image → G(image, rng) → Preprocess. Returns
+    {"image": [B, 3, S, S] normalised I_G, "mask": [B, 1, S, S] 0/1 y_G} on the cpu."""
+    xs, ms = [], []
+    for img in images_uint8:
+        out, mask = generator(img, rng)
+        xs.append(preprocess.image(out))
+        ms.append(preprocess.mask(mask))
+    return {"image": torch.stack(xs), "mask": torch.stack(ms)}
+
+
+def pixel_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str, gamma: float, alpha: float) -> torch.Tensor:
+    if kind == "focal":
+        return focal_loss(logits, mask, gamma=gamma, alpha=alpha)
+    if kind == "ce":
+        return ce_loss(logits, mask)
+    raise ValueError(f"unknown loss {kind!r}; use focal or ce")
+
+
+def build_discriminator(cfg: Config, extractor: FeatureExtractor) -> Discriminator:
+    """D over every level of ``extractor`` (seeded from ``cfg.seed``)."""
+    return seeded_init(cfg.seed, 1, lambda: Discriminator(extractor.channels, extractor.reductions))
+
+
+class Stage1Trainer(StageTrainer):
+    """Trains D on G's samples over frozen F."""
+
+    stage = 1
+    name = "stage1"
+
+    def __init__(self, cfg: Config, extractor: FeatureExtractor, device: str | torch.device = "cpu",
+                 discriminator: Discriminator | None = None):
+        self.cfg, self.scfg, self.device = cfg, cfg.stage1, torch.device(device)
+        self.extractor = extractor.to(self.device).eval()
+        for p in self.extractor.parameters():
+            p.requires_grad_(False)
+        self.discriminator = (discriminator or build_discriminator(cfg, extractor)).to(self.device)
+        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.scfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones(self.scfg.epochs), gamma=self.scfg.lr_decay)
+        self.epoch = 0
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["image"].to(self.device, non_blocking=True)
+        m = batch["mask"].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            self.extractor.eval()
+            feats = self.extractor(x)
+        logits = self.discriminator(feats, out_size=tuple(x.shape[-2:]))
+        return pixel_loss(logits, m, self.scfg.loss, self.scfg.focal_gamma, self.scfg.focal_alpha)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.discriminator.train()
+        loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage1: non-finite loss {loss.item()} at epoch {self.epoch}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.discriminator.state_dict())
+
+    def load_model_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.discriminator.load_state_dict(sd)
+
+    def _retarget_schedule(self) -> bool:
+        want = collections.Counter(milestones(self.scfg.epochs))
+        if self.scheduler.milestones == want:
+            return False
+        self.scheduler.milestones = want
+        return True

@@ -1,0 +1,219 @@
+"""Stage II — negative-guided contrastive learning (NCL, ToCoAD §3.2, eq. 3-6).
+
+F is fine-tuned together with the contrastive network C while the stage-I discriminator D is
+frozen (eval mode, ``requires_grad=False``) but differentiable, so the negative term's gradient
+flows *through* D into F:
+
+    L_ncl = λ · L_sym(views of I) + (1 − λ) · L_focal(D(F(I_G)), y_G)          (eq. 6)
+
+L_sym (eq. 5) over M views from the augmentation set S; D(p, z) (eq. 3) with stop-gradient on z
+(``target="simsiam"``) or with z from an EMA copy of F + C's adapters/projector
+(``target="byol"``, decay ``ema_decay``). SGD(momentum, weight decay) on F + C, cosine annealing
+over the epochs (stepped per epoch).
+
+Design decisions:
+
+* F's BatchNorm layers stay in eval mode (running statistics frozen; their affine weights are
+  trained). D was fitted on F's eval-mode statistics, the memory bank is later built in eval
+  mode, and batches of 16 normal images would give noisy statistics; with frozen statistics the
+  M views and the G batch also go through F in one concatenated forward pass. C's BN layers are
+  in train mode (SimSiam needs them against collapse); each view is projected separately.
+* "NCL only" ablation (``stage1.enabled=False``): there is no D, so L = L_sym (λ is not applied to
+  a lone term; the loss scale only interacts with the LR).
+* Collapse guard: each epoch reports ``proj_std``, the batch std of the L2-normalised projector
+  output z (mean over dims and layers); ≈ 1/sqrt(proj_dim) when healthy, → 0 on collapse. Below
+  0.1/sqrt(proj_dim) a warning is logged.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import Preprocess
+from ..models.backbone import FeatureExtractor
+from ..models.contrastive import ContrastiveHead
+from ..models.discriminator import Discriminator
+from .base import StageTrainer
+from .common import ViewAugment, seeded_init
+from .losses import projection_std, sym_loss
+from .stage1 import make_stage1_batch, pixel_loss
+
+logger = logging.getLogger(__name__)
+
+
+def make_stage2_batch(images_uint8: list[np.ndarray], preprocess: Preprocess, rng: np.random.Generator,
+                      num_views: int = 2, augment: ViewAugment | None = None, generator=None) -> dict[str, Any]:
+    """{"views": M tensors [B, 3, S, S] (views v^1..v^M of the normal images, augmentation set S),
+    "image"/"mask": G's samples as in ``make_stage1_batch`` (absent when ``generator`` is None)}."""
+    augment = augment or ViewAugment(preprocess.size)
+    mean, std = preprocess.mean, preprocess.std
+    base = [(preprocess.image(img) * std + mean).clamp_(0.0, 1.0) for img in images_uint8]
+    views = []
+    for _ in range(num_views):
+        seeds = rng.integers(0, 2**62, size=len(base))
+        views.append(torch.stack([(augment(b, int(s)) - mean) / std for b, s in zip(base, seeds)]))
+    batch: dict[str, Any] = {"views": views}
+    if generator is not None:
+        batch.update(make_stage1_batch(images_uint8, generator, preprocess, rng))
+    return batch
+
+
+def _freeze_bn_stats(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class Stage2Trainer(StageTrainer):
+    """Fine-tunes F (+ trains C) with L_ncl; ``discriminator=None`` → NCL-only (L = L_sym)."""
+
+    stage = 2
+    name = "stage2"
+
+    def __init__(self, cfg: Config, extractor: FeatureExtractor, device: str | torch.device = "cpu",
+                 discriminator: Discriminator | None = None):
+        self.cfg, self.scfg, self.device = cfg, cfg.stage2, torch.device(device)
+        s = self.scfg
+        if s.target not in ("simsiam", "byol"):
+            raise ValueError(f"stage2.target must be simsiam or byol, got {s.target!r}")
+        if s.num_views < 2:
+            raise ValueError(f"stage2.num_views (M) must be >= 2, got {s.num_views}")
+        if not 0.0 <= s.lam <= 1.0:
+            raise ValueError(f"stage2.lam (λ) must be in [0, 1], got {s.lam}")
+        self.layers = list(cfg.backbone.stage2_layers)
+        missing = [l for l in self.layers if l not in extractor.channels]
+        if missing:
+            raise ValueError(f"extractor lacks stage2 layer(s) {missing}; build it with train.common.build_extractor")
+        self.extractor = extractor.to(self.device)
+        for p in self.extractor.parameters():
+            p.requires_grad_(True)
+        self.discriminator = discriminator
+        if discriminator is not None:
+            discriminator.to(self.device).eval()
+            for p in discriminator.parameters():
+                p.requires_grad_(False)
+        self.head = seeded_init(cfg.seed, 2, lambda: ContrastiveHead(
+            {l: extractor.channels[l] for l in self.layers}, proj_dim=s.proj_dim, pred_hidden=s.pred_hidden)).to(self.device)
+        self.target_extractor = self.target_head = None
+        if s.target == "byol":
+            self.target_extractor = copy.deepcopy(self.extractor).eval()
+            self.target_head = copy.deepcopy(self.head)
+            for p in list(self.target_extractor.parameters()) + list(self.target_head.parameters()):
+                p.requires_grad_(False)
+        params = list(self.extractor.parameters()) + list(self.head.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, s.epochs))
+        self.epoch = 0
+
+    # --- modes ------------------------------------------------------------------------------------
+    def _set_modes(self) -> None:
+        self.extractor.train()
+        _freeze_bn_stats(self.extractor)
+        self.head.train()
+        if self.discriminator is not None:
+            self.discriminator.eval()
+        if self.target_head is not None:
+            self.target_extractor.eval()
+            self.target_head.train()  # BN batch statistics as in the online projector
+
+    # --- step -------------------------------------------------------------------------------------
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Forward pass → {"loss", "loss_sym", ["loss_neg"]} tensors and the online z's ("z")."""
+        s = self.scfg
+        views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
+        m, b = len(views), views[0].shape[0]
+        use_neg = self.discriminator is not None and batch.get("image") is not None
+        xs = views + ([batch["image"].to(self.device, non_blocking=True)] if use_neg else [])
+        feats = self.extractor(torch.cat(xs))  # one pass: BN statistics are frozen
+        if self.target_extractor is not None:
+            with torch.no_grad():
+                tfeats = self.target_extractor(torch.cat(views))
+        l_sym, zs_all = 0.0, []
+        for layer in self.layers:
+            f = feats[layer]
+            zs = [self.head.project(layer, f[i * b:(i + 1) * b]) for i in range(m)]
+            ps = [self.head.predict(z) for z in zs]
+            if self.target_head is not None:
+                with torch.no_grad():
+                    tz = [self.target_head.project(layer, tfeats[layer][i * b:(i + 1) * b]) for i in range(m)]
+            else:
+                tz = zs  # SimSiam: stop-gradient inside neg_cosine
+            l_sym = l_sym + sym_loss(ps, tz)
+            zs_all.append(zs[0])
+        l_sym = l_sym / len(self.layers)
+        out = {"loss_sym": l_sym, "z": zs_all}
+        if use_neg:
+            gfeats = {k: v[m * b:] for k, v in feats.items()}
+            logits = self.discriminator(gfeats, out_size=tuple(xs[-1].shape[-2:]))
+            l_neg = pixel_loss(logits, batch["mask"].to(self.device, non_blocking=True), s.loss,
+                               self.cfg.stage1.focal_gamma, self.cfg.stage1.focal_alpha)
+            out["loss_neg"] = l_neg
+            out["loss"] = s.lam * l_sym + (1.0 - s.lam) * l_neg  # eq. 6
+        else:
+            out["loss"] = l_sym  # NCL only: no D
+        return out
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        self._set_modes()
+        out = self.losses(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage2: non-finite loss {loss.item()} at epoch {self.epoch}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.target_head is not None:
+            self._ema_update()
+        metrics = {k: v.item() for k, v in out.items() if k.startswith("loss")}
+        metrics["proj_std"] = sum(projection_std(z) for z in out["z"]) / len(out["z"])
+        return metrics
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        tau = self.scfg.ema_decay
+        for online, target in ((self.extractor, self.target_extractor), (self.head, self.target_head)):
+            for po, pt in zip(online.parameters(), target.parameters()):
+                pt.mul_(tau).add_(po.detach(), alpha=1.0 - tau)
+            for bo, bt in zip(online.buffers(), target.buffers()):
+                bt.copy_(bo)
+
+    def epoch_end_metrics(self, means: dict[str, float], steps: int) -> dict[str, Any]:
+        std = means.get("proj_std", float("nan"))
+        healthy = 1.0 / math.sqrt(self.scfg.proj_dim)
+        if std < 0.1 * healthy:
+            logger.warning("stage2 epoch %d: projector output std %.4g < 0.1/sqrt(%d) = %.4g: representation "
+                           "collapse suspected", self.epoch, std, self.scfg.proj_dim, 0.1 * healthy)
+        return {"proj_std": std, "proj_std_healthy": healthy, "collapse_warning": bool(std < 0.1 * healthy)}
+
+    # --- state ------------------------------------------------------------------------------------
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f"F.{k}": v for k, v in self.extractor.body.state_dict().items()}
+        sd.update({f"C.{k}": v for k, v in self.head.state_dict().items()})
+        if self.target_head is not None:
+            sd.update({f"TF.{k}": v for k, v in self.target_extractor.body.state_dict().items()})
+            sd.update({f"TC.{k}": v for k, v in self.target_head.state_dict().items()})
+        return sd
+
+    def load_model_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+        self.extractor.body.load_state_dict(part("F."))
+        self.head.load_state_dict(part("C."))
+        if self.target_head is not None:
+            self.target_extractor.body.load_state_dict(part("TF."))
+            self.target_head.load_state_dict(part("TC."))
+
+    def _retarget_schedule(self) -> bool:
+        want = max(1, self.scfg.epochs)
+        if self.scheduler.T_max == want:
+            return False
+        self.scheduler.T_max = want
+        return True
