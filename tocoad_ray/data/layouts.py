@@ -236,7 +236,7 @@ def load_split(root: str | Path | None, category: str, layout: str = "mvtec") ->
     """Read ``category`` under ``root`` with the reader for ``layout`` (mvtec|visa|btad|folder|elpv;
     for elpv ``root`` may be None = the installed package)."""
     if layout == "elpv":
-        return read_elpv(root, category)
+        return read_elpv(None if root in (None, "", "-") else root, category)
     if layout not in LAYOUTS:
         raise DataError(f"unknown data layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     if root is None:

@@ -1,0 +1,106 @@
+"""Artifact directory: memory bank + metadata (+ fine-tuned weights), saved atomically and verified.
+
+Layout::
+
+    ARTIFACT/
+      meta.json              format, config, backbone id + weights sha256, score statistics,
+                             threshold, and the sha256 of every other file (written last)
+      config.yaml            the config the fit ran with
+      bank.safetensors       bank [M, d] float32, source_image [M] int32
+      backbone.safetensors   fine-tuned F (method tocoad)
+      adapter.safetensors    ReConPatch linear modulation g (method reconpatch)
+
+Every file is written to a temporary name and moved into place with ``os.replace``; meta.json
+goes last, so a crash leaves either the old artifact or a checksum mismatch, never a silent mix.
+Nothing is unpickled: arrays are safetensors, metadata JSON/YAML.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "tocoad-ray/artifact/1"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, corrupted, or does not match the model it is used with."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Save numpy arrays or torch tensors as safetensors, atomically."""
+    import torch
+    from safetensors.torch import save
+
+    t = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous())
+         for k, v in tensors.items()}
+    atomic_write_bytes(path, save(t, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from e
+
+
+def write_meta(artifact: str | Path, meta: dict[str, Any]) -> None:
+    """Record checksums of every file listed in meta['files'] and write meta.json last."""
+    artifact = Path(artifact)
+    meta = dict(meta)
+    meta["format"] = FORMAT
+    meta["files"] = {name: sha256_file(artifact / name) for name in meta.get("files", {})}
+    atomic_write_bytes(artifact / "meta.json", json.dumps(meta, indent=2, sort_keys=False).encode())
+
+
+def read_meta(artifact: str | Path, verify: bool = True) -> dict[str, Any]:
+    artifact = Path(artifact)
+    if not artifact.is_dir():
+        raise ArtifactError(f"artifact directory not found: {artifact}")
+    mp = artifact / "meta.json"
+    if not mp.is_file():
+        raise ArtifactError(f"{artifact} is not an artifact: meta.json is missing (did the fit finish?)")
+    try:
+        meta = json.loads(mp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mp} is corrupted: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{mp}: unknown artifact format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT}")
+    if verify:
+        for name, digest in meta.get("files", {}).items():
+            p = artifact / name
+            if not p.is_file():
+                raise ArtifactError(f"artifact file missing: {p}")
+            if sha256_file(p) != digest:
+                raise ArtifactError(f"artifact file corrupted (sha256 mismatch): {p}")
+    return meta

@@ -1,0 +1,73 @@
+"""The memory bank M itself: coreset of normal patch features + exact k-NN index (ToCoAD §3.3)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .coreset import greedy_coreset
+from .knn import KNNIndex
+from .scoring import patch_scores, reweighted_image_scores
+
+
+class MemoryBank:
+    """M: bank vectors [M, d] plus, per row, the training image it came from (for leave-one-out stats)."""
+
+    def __init__(self, bank: np.ndarray, source_image: np.ndarray | None = None, use_gpu: bool = False):
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self.source_image = (
+            np.asarray(source_image, dtype=np.int32) if source_image is not None else np.full(len(self.bank), -1, np.int32)
+        )
+        if self.source_image.shape != (len(self.bank),):
+            raise ValueError("source_image must have one entry per bank row")
+        self.index = KNNIndex(self.bank, use_gpu=use_gpu)
+
+    @classmethod
+    def build(cls, patches: np.ndarray, ratio: float = 0.1, projection_dim: int | None = 128, seed: int = 0,
+              source_image: np.ndarray | None = None, use_gpu: bool = False, progress: bool = False) -> "MemoryBank":
+        """Eq. 7: greedy coreset of ``ratio`` of the patches (ratio 1 keeps them all)."""
+        if len(patches) == 0:
+            raise ValueError("no training patches: the training set is empty")
+        n_select = max(1, int(round(len(patches) * ratio)))
+        if n_select >= len(patches):
+            sel = np.arange(len(patches))
+        else:
+            sel = np.sort(greedy_coreset(patches, n_select, projection_dim, seed, progress=progress))
+        src = None if source_image is None else np.asarray(source_image)[sel]
+        return cls(patches[sel], src, use_gpu=use_gpu)
+
+    # NeighbourSearch protocol
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
+
+    def vectors(self, idx: np.ndarray) -> np.ndarray:
+        return self.bank[idx]
+
+    @property
+    def dim(self) -> int:
+        return self.bank.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def score(self, patches: np.ndarray, n_images: int, b: int = 9) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (eq. 9) [n_images] and patch scores s' (eq. 8) [n_images·P]."""
+        s, nn = patch_scores(self, patches)
+        return reweighted_image_scores(self, patches, s, nn, n_images, b), s
+
+    def leave_one_out_scores(self, patches: np.ndarray, image_ids: np.ndarray, n_images: int, b: int = 9,
+                             k: int = 32) -> np.ndarray:
+        """Image scores of *training* images against the bank without their own rows.
+
+        A training image's own patches sit in the bank, so its plain score is optimistic; excluding
+        bank rows that came from the same image gives held-out-like normal scores for thresholds.
+        """
+        d, i = self.index.search(patches, k)
+        own = self.source_image[i] == np.repeat(image_ids, len(patches) // len(image_ids))[:, None]
+        d = np.where(own, np.inf, d)
+        j = d.argmin(1)
+        s = d[np.arange(len(d)), j]
+        nn = i[np.arange(len(d)), j]
+        # all k neighbours from the same image (rare): fall back to the k-th distance, a lower bound
+        bad = ~np.isfinite(s)
+        s[bad] = self.index.search(patches[bad], k)[0][:, -1] if bad.any() else s[bad]
+        nn[bad] = i[bad, -1]
+        return reweighted_image_scores(self, patches, s.astype(np.float32), nn, n_images, b)

@@ -1,0 +1,278 @@
+"""fit / evaluate / predict on one machine, no Ray: the single-process reference every other path
+(Ray jobs, the Serve application) must reproduce.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, load_tensors, read_meta, write_meta
+from .bank.memory_bank import MemoryBank
+from .bank.scoring import anomaly_maps
+from .config import Config, from_dict
+from .data import ImageDataset, Preprocess, Sample, has_masks, load_split, read_image
+from .models.backbone import FeatureExtractor, resolve_device
+from .patch_model import PatchModel, load_adapter
+
+Log = Callable[[str], None]
+
+
+def _loader(samples: Sequence[Sample], preprocess: Preprocess, cfg: Config) -> DataLoader:
+    return DataLoader(ImageDataset(samples, preprocess), batch_size=cfg.bank.batch_size, shuffle=False,
+                      num_workers=cfg.data.num_workers)
+
+
+def extract(model: PatchModel, loader: DataLoader, progress: bool = False, desc: str = "features"
+            ) -> tuple[np.ndarray, tuple[int, int]]:
+    """All patch rows of a loader's images, image-major."""
+    from tqdm import tqdm
+
+    out, grid = [], (0, 0)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        rows, grid = model.embed(batch["image"])
+        out.append(rows)
+    return np.concatenate(out), grid
+
+
+def _use_faiss_gpu(cfg: Config) -> bool:
+    return cfg.bank.faiss_gpu and resolve_device(cfg.bank.device).type == "cuda"
+
+
+def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resume: bool = False,
+        progress: bool = True, log: Log = print) -> dict[str, Any]:
+    """Fit ``cfg.method`` on the normal training images and write an artifact to ``out``."""
+    torch.manual_seed(cfg.seed)
+    out = Path(out)
+    split = load_split(data_root, category, cfg.data.layout)
+    if not split.train:
+        raise ValueError(f"no training images for {category!r} under {data_root}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())
+    device = resolve_device(cfg.bank.device)
+    timings: dict[str, float] = {}
+    files: dict[str, str] = {}
+    t0 = time.perf_counter()
+
+    weights = cfg.backbone.weights
+    if cfg.method == "tocoad":
+        from .train.tocoad import train_tocoad
+
+        sd = train_tocoad(cfg, [s.path for s in split.train], out / "train", device=str(device), resume=resume,
+                          progress=progress, log=log)
+        atomic_save_tensors(out / "backbone.safetensors", sd)
+        files["backbone.safetensors"] = ""
+        weights = str(out / "backbone.safetensors")
+        timings["train_s"] = time.perf_counter() - t0
+    extractor = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, weights)
+    preprocess = Preprocess(cfg.data, extractor.mean, extractor.std)
+    model = PatchModel(extractor, cfg.bank.patch_size, device=device)
+
+    t = time.perf_counter()
+    patches, grid = extract(model, _loader(split.train, preprocess, cfg), progress, "train features")
+    timings["features_s"] = time.perf_counter() - t
+    P = grid[0] * grid[1]
+    n_train = len(split.train)
+    source = np.repeat(np.arange(n_train, dtype=np.int32), P)
+
+    if cfg.method == "reconpatch":
+        from .train.reconpatch import train_reconpatch
+
+        t = time.perf_counter()
+        adapter = train_reconpatch(cfg, torch.from_numpy(patches), out / "train", device=str(device), resume=resume,
+                                   progress=progress, log=log)
+        adapter.save(out / "adapter.safetensors")
+        files["adapter.safetensors"] = ""
+        model = PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=device)
+        with torch.inference_mode():
+            patches = torch.cat([adapter(torch.from_numpy(c)) for c in np.array_split(patches, max(1, len(patches) // 65536))]).numpy()
+        timings["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"coreset: selecting {cfg.bank.coreset_ratio:.0%} of {len(patches)} patches ({patches.shape[1]} dims)")
+    bank = MemoryBank.build(patches, cfg.bank.coreset_ratio, cfg.bank.projection_dim, cfg.seed, source,
+                            use_gpu=_use_faiss_gpu(cfg), progress=progress)
+    timings["coreset_s"] = time.perf_counter() - t
+    timings["bank_build_s"] = timings["features_s"] + timings["coreset_s"]
+
+    # normal score statistics, leave-one-image-out, for a threshold that needs no anomalies
+    t = time.perf_counter()
+    n_stat = min(n_train, cfg.bank.threshold_images)
+    ids = np.unique(np.linspace(0, n_train - 1, n_stat).round().astype(np.int64))
+    rows = (ids[:, None] * P + np.arange(P)[None]).reshape(-1)
+    normal = bank.leave_one_out_scores(patches[rows], ids.astype(np.int32), len(ids), cfg.bank.num_neighbors)
+    timings["stats_s"] = time.perf_counter() - t
+    q = cfg.bank.threshold_quantile
+    stats = {
+        "n": int(len(normal)), "mean": float(normal.mean()), "std": float(normal.std()),
+        "min": float(normal.min()), "max": float(normal.max()),
+        "q50": float(np.quantile(normal, 0.5)), "q95": float(np.quantile(normal, 0.95)),
+        "q99": float(np.quantile(normal, 0.99)), "threshold_quantile": q,
+    }
+    threshold = float(np.quantile(normal, q))
+
+    atomic_save_tensors(out / "bank.safetensors", {"bank": bank.bank, "source_image": bank.source_image})
+    files["bank.safetensors"] = ""
+    timings["fit_s"] = time.perf_counter() - t0
+    meta = {
+        "version": __version__,
+        "method": cfg.method,
+        "category": category,
+        "data_root": str(data_root),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": cfg.to_dict(),
+        "backbone": {"name": extractor.name, "layers": extractor.layers, "weights_source": extractor.weights_source,
+                     "weights_sha256": extractor.weights_sha256, "mean": extractor.mean, "std": extractor.std,
+                     "fine_tuned": cfg.method == "tocoad"},
+        "input_size": preprocess.size,
+        "grid": list(grid),
+        "feature_dim": int(bank.dim),
+        "feature_normalization": "none",
+        "bank_size": len(bank),
+        "n_train_images": n_train,
+        "n_train_patches": int(len(patches)),
+        "score_stats": stats,
+        "threshold": threshold,
+        "timings": timings,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "files": files,
+    }
+    write_meta(out, meta)
+    log(f"artifact written to {out}: bank {len(bank)}×{bank.dim}, threshold {threshold:.4f}, "
+        f"bank build {timings['bank_build_s']:.1f}s (features {timings['features_s']:.1f}s + coreset {timings['coreset_s']:.1f}s)")
+    return meta
+
+
+@dataclass
+class Detector:
+    """A loaded artifact: scores preprocessed image batches."""
+
+    meta: dict[str, Any]
+    cfg: Config
+    model: PatchModel
+    bank: MemoryBank
+    preprocess: Preprocess
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    def score(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """[B, 3, S, S] → image scores [B] (eq. 9), anomaly maps [B, S, S] (blurred s')."""
+        rows, (h, w) = self.model.embed(images)
+        b = images.shape[0]
+        scores, s_prime = self.bank.score(rows, b, self.cfg.bank.num_neighbors)
+        maps = anomaly_maps(s_prime.reshape(b, h, w), images.shape[-1], self.cfg.bank.blur_sigma)
+        return scores, maps
+
+
+def load_detector(artifact: str | Path, device: str | None = None) -> Detector:
+    """Load and verify an artifact; rebuild F (+ g) and check the weights are the ones the bank was built with."""
+    artifact = Path(artifact)
+    meta = read_meta(artifact)
+    cfg = from_dict(Config, meta["config"])
+    bb = meta["backbone"]
+    weights = str(artifact / "backbone.safetensors") if bb.get("fine_tuned") else cfg.backbone.weights
+    extractor = FeatureExtractor(bb["name"], bb["layers"], weights)
+    if extractor.weights_sha256 != bb["weights_sha256"]:
+        raise ArtifactError(
+            f"{artifact}: the bank was built with backbone {bb['name']} weights sha256 {bb['weights_sha256'][:12]}… "
+            f"({bb['weights_source']}), but the weights found now ({extractor.weights_source}) have sha256 "
+            f"{extractor.weights_sha256[:12]}…; refit the bank or supply the original weights")
+    adapter = load_adapter(artifact / "adapter.safetensors") if (artifact / "adapter.safetensors").is_file() else None
+    tensors = load_tensors(artifact / "bank.safetensors")
+    if "bank" not in tensors:
+        raise ArtifactError(f"{artifact / 'bank.safetensors'} holds no 'bank' tensor")
+    if tensors["bank"].shape[1] != meta["feature_dim"]:
+        raise ArtifactError(f"{artifact}: bank has {tensors['bank'].shape[1]} dims, metadata says {meta['feature_dim']}")
+    dev = resolve_device(device or cfg.bank.device)
+    bank = MemoryBank(tensors["bank"], tensors.get("source_image"), use_gpu=cfg.bank.faiss_gpu and dev.type == "cuda")
+    model = PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=dev)
+    return Detector(meta, cfg, model, bank, Preprocess(cfg.data, extractor.mean, extractor.std))
+
+
+def evaluate(artifact: str | Path, data_root: str | Path, category: str, layout: str | None = None,
+             progress: bool = True, return_arrays: bool = False) -> dict[str, Any]:
+    """Score the test split; image/pixel AUROC, AUPRO, F1-max, timing. Pixel metrics None without masks."""
+    from .metrics import evaluate_scores
+
+    det = load_detector(artifact)
+    split = load_split(data_root, category, layout or det.cfg.data.layout)
+    if not split.test:
+        raise ValueError(f"no test images for {category!r} under {data_root}")
+    loader = _loader(split.test, det.preprocess, det.cfg)
+    labels, scores, maps, masks = [], [], [], []
+    with_masks = has_masks(split.test)
+    from tqdm import tqdm
+
+    # warm-up so the first batch's one-off costs don't count against ms/image
+    first = next(iter(loader))
+    det.score(first["image"][:1])
+    seconds = 0.0
+    for batch in tqdm(loader, desc="test", unit="batch", disable=not progress):
+        t = time.perf_counter()
+        s, m = det.score(batch["image"])
+        seconds += time.perf_counter() - t
+        labels.append(batch["label"].numpy())
+        scores.append(s)
+        if with_masks:
+            maps.append(m.astype(np.float32))
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+    labels_a = np.concatenate(labels)
+    scores_a = np.concatenate(scores)
+    maps_a = np.concatenate(maps) if with_masks else None
+    masks_a = np.concatenate(masks) if with_masks else None
+    res = evaluate_scores(labels_a, scores_a, masks_a, maps_a)
+    thr = det.threshold
+    pred = scores_a >= thr
+    res.update({
+        "n_test": int(len(labels_a)),
+        "n_anomalous": int(labels_a.sum()),
+        "ms_per_image": 1000.0 * seconds / len(labels_a),
+        "threshold": thr,
+        "threshold_tpr": float(pred[labels_a == 1].mean()) if labels_a.any() else None,
+        "threshold_fpr": float(pred[labels_a == 0].mean()) if (labels_a == 0).any() else None,
+        "method": det.meta["method"],
+        "backbone": det.meta["backbone"]["name"],
+        "input_size": det.meta["input_size"],
+        "bank_size": det.meta["bank_size"],
+        "bank_build_s": det.meta["timings"].get("bank_build_s"),
+        "fit_s": det.meta["timings"].get("fit_s"),
+    })
+    if return_arrays:
+        res["_arrays"] = {"labels": labels_a, "scores": scores_a, "maps": maps_a, "masks": masks_a}
+    return res
+
+
+def predict(artifact: str | Path, images: Sequence[str | Path], out_dir: str | Path, threshold: float | None = None
+            ) -> list[dict[str, Any]]:
+    """Score image files; write a heatmap overlay PNG per image and ``predictions.json`` to ``out_dir``."""
+    from .visualize import heatmap_overlay, save_png
+
+    det = load_detector(artifact)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thr = det.threshold if threshold is None else float(threshold)
+    results = []
+    for path in images:
+        path = Path(path)
+        rgb = read_image(path)
+        x = det.preprocess.image(rgb)[None]
+        s, m = det.score(x)
+        shown = det.preprocess.denormalize(x)
+        overlay = heatmap_overlay(shown, m[0], det.meta["score_stats"], thr)
+        png = out_dir / f"{path.stem}_heatmap.png"
+        save_png(png, overlay)
+        results.append({"image": str(path), "score": float(s[0]), "threshold": thr, "anomalous": bool(s[0] >= thr),
+                        "heatmap": str(png)})
+    atomic_write_bytes(out_dir / "predictions.json", json.dumps(results, indent=2).encode())
+    return results
