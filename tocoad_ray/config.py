@@ -136,10 +136,10 @@ class ReConPatchConfig:
     out_dim: int | None = None  # modulated feature dim; None: same as input
     proj_dim: int = 128
     ema_decay: float = 0.99
-    sigma: float = 1.0  # pairwise Gaussian kernel width
+    sigma: float | None = None  # pairwise Gaussian kernel width; None: median of the batch's ‖z̄_i − z̄_j‖²
     k: int = 5  # contextual k-NN
     alpha: float = 0.5  # w = α·w_p + (1−α)·w_c
-    margin: float = 0.1
+    margin: float = 1.0  # on mean-normalised distances δ: push dissimilar pairs out to the mean distance
     max_patches: int = 200_000  # patches sampled from the training set per epoch
 
 

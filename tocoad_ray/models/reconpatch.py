@@ -81,15 +81,29 @@ def contextual_similarity(z: torch.Tensor, k: int, reciprocal: bool = True, quer
     return w.fill_diagonal_(1.0).clamp_(0.0, 1.0)
 
 
-def pseudo_labels(z: torch.Tensor, sigma: float, k: int, alpha: float) -> torch.Tensor:
+def median_sigma(z: torch.Tensor) -> float:
+    """Median heuristic for the kernel width: σ = median off-diagonal ‖z_i − z_j‖².
+
+    Raw patch features have ‖z_i − z_j‖² in the hundreds, so a fixed σ = 1 makes w_p ≈ 0 for every
+    pair and leaves only the contextual term; the median keeps w_p informative at any feature scale.
+    """
+    d2 = squared_distances(z)
+    n = z.shape[0]
+    off = d2[~torch.eye(n, dtype=torch.bool, device=z.device)]
+    return max(float(off.median()), 1e-12)
+
+
+def pseudo_labels(z: torch.Tensor, sigma: float | None, k: int, alpha: float) -> torch.Tensor:
     """w = α·w_p + (1−α)·w_c from the (EMA) embeddings z̄ [N, D]: [N, N], symmetric, in [0, 1], diagonal 1.
 
-    Computed without gradient (the targets are labels, not part of the graph).
+    Computed without gradient (the targets are labels, not part of the graph). ``sigma=None``: median heuristic.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     with torch.no_grad():
         z = z.detach()
+        if sigma is None:
+            sigma = median_sigma(z)
         w = alpha * pairwise_similarity(z, sigma) + (1.0 - alpha) * contextual_similarity(z, k)
         return w.fill_diagonal_(1.0).clamp_(0.0, 1.0)
 
