@@ -116,13 +116,13 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write_results(results: dict[str, dict], json_path, md_path=None) -> dict[str, dict]:
+def write_results(results: dict[str, dict], json_path, md_path=None, mean: bool = True) -> dict[str, dict]:
     """Write ``results`` (category -> metrics dict) plus a ``"mean"`` row.
 
     JSON is written atomically (NaN becomes null); if ``md_path`` is given, the
     :func:`markdown_table` too. Returns the dict that was written.
     """
-    rows = with_mean(results)
+    rows = with_mean(results) if mean else {str(c): _plain(dict(r)) for c, r in results.items()}
     _atomic_write(Path(json_path), json.dumps(rows, indent=2, allow_nan=False) + "\n")
     if md_path is not None:
         _atomic_write(Path(md_path), markdown_table(rows))
