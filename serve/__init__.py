@@ -1,0 +1,1 @@
+"""Ray Serve scoring service for tocoad-ray artifacts (see serve/README.md)."""

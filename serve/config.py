@@ -1,0 +1,170 @@
+"""Typed service configuration, loaded from YAML.
+
+``serve/config.yaml`` is a regular Ray Serve config file (deployable with ``serve deploy``); the
+service's own settings are the ``args`` of its application. :func:`load_config` accepts either that
+whole file or a bare mapping of the args.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Product names become URL segments and multiplex ids; never path components. Anything else is
+# rejected before any lookup, so a name cannot reach the filesystem.
+PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TOKEN_ENV = "TOCOAD_SERVE_TOKEN"
+
+
+class ConfigError(ValueError):
+    """The service configuration is invalid."""
+
+
+def valid_product_name(name: str) -> bool:
+    return bool(PRODUCT_NAME.match(name)) and ".." not in name
+
+
+@dataclass
+class ProductConfig:
+    name: str
+    artifact: str
+    shards: int | None = None  # None: ServeConfig.default_shards
+    threshold: float | None = None  # overrides the artifact's meta threshold
+
+
+@dataclass
+class BackboneDeployment:
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4
+    max_ongoing_requests: int = 32
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    torch_threads: int = 0  # 0: leave torch's default
+
+
+@dataclass
+class ShardDeployment:
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 8
+    max_ongoing_requests: int = 64
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+
+
+@dataclass
+class SmallDeployment:
+    num_replicas: int = 1
+    num_cpus: float = 0.25
+    max_ongoing_requests: int = 64
+
+
+@dataclass
+class ServeConfig:
+    products: list[ProductConfig] = field(default_factory=list)
+    artifacts_dir: str | None = None  # every subdirectory with a meta.json becomes a product
+    default_shards: int = 1
+    poll_interval_s: float = 2.0  # registry: how often config + artifact meta.json are re-checked
+    watch_file: str | None = None  # re-read products/limits/auth from this YAML on every poll
+    snapshot_ttl_s: float = 0.5  # ingress: how long a registry snapshot is reused
+    max_upload_bytes: int = 16 << 20
+    max_pixels: int = 40_000_000
+    auth_token: str | None = None  # bearer token for scoring routes; env TOCOAD_SERVE_TOKEN wins
+    map_array_size: int = 32  # ?map=array is downsampled to at most this many cells per side
+    backbone: BackboneDeployment = field(default_factory=BackboneDeployment)
+    shards: ShardDeployment = field(default_factory=ShardDeployment)
+    ingress: SmallDeployment = field(default_factory=SmallDeployment)
+    registry: SmallDeployment = field(default_factory=lambda: SmallDeployment(num_cpus=0.1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def effective_token(self) -> str | None:
+        return os.environ.get(TOKEN_ENV) or self.auth_token or None
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    kw = {}
+    for k, v in data.items():
+        t = names[k].type
+        sub = {"BackboneDeployment": BackboneDeployment, "ShardDeployment": ShardDeployment,
+               "SmallDeployment": SmallDeployment}.get(t if isinstance(t, str) else getattr(t, "__name__", ""))
+        kw[k] = _build(sub, v, f"{where}.{k}") if sub else v
+    return cls(**kw)
+
+
+def from_dict(data: dict[str, Any] | None) -> ServeConfig:
+    """Validate a mapping of service settings (the application's ``args``)."""
+    data = dict(data or {})
+    prods = data.pop("products", None) or []
+    cfg = _build(ServeConfig, data, "config")
+    if not isinstance(prods, list):
+        raise ConfigError("config.products: expected a list")
+    seen = set()
+    for i, p in enumerate(prods):
+        pc = p if isinstance(p, ProductConfig) else _build(ProductConfig, p, f"config.products[{i}]")
+        if not valid_product_name(pc.name):
+            raise ConfigError(f"config.products[{i}]: invalid product name {pc.name!r} (letters, digits, _ . -)")
+        if pc.name in seen:
+            raise ConfigError(f"config.products: duplicate product {pc.name!r}")
+        if pc.shards is not None and int(pc.shards) < 1:
+            raise ConfigError(f"config.products[{i}]: shards must be >= 1")
+        seen.add(pc.name)
+        cfg.products.append(pc)
+    if cfg.default_shards < 1:
+        raise ConfigError("config.default_shards must be >= 1")
+    if cfg.poll_interval_s <= 0:
+        raise ConfigError("config.poll_interval_s must be > 0")
+    return cfg
+
+
+def read_yaml_args(path: str | Path) -> dict[str, Any]:
+    """The service args from a YAML file: a Serve config (``applications[*].args`` of the app whose
+    import_path is ``serve.app:build``) or a bare mapping."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read service config {path}: {e}") from e
+    if isinstance(data, dict) and "applications" in data:
+        for app in data["applications"] or []:
+            if str(app.get("import_path", "")).startswith("serve.app:"):
+                return dict(app.get("args") or {})
+        raise ConfigError(f"{path}: no application with import_path serve.app:build")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return data
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    return from_dict(read_yaml_args(path))
+
+
+def resolve_products(cfg: ServeConfig) -> list[ProductConfig]:
+    """Explicit products plus one per artifact folder of ``artifacts_dir`` (explicit entries win)."""
+    out = {p.name: p for p in cfg.products}
+    if cfg.artifacts_dir:
+        root = Path(cfg.artifacts_dir)
+        if root.is_dir():
+            for d in sorted(root.iterdir()):
+                if d.is_dir() and (d / "meta.json").is_file() and valid_product_name(d.name) and d.name not in out:
+                    out[d.name] = ProductConfig(d.name, str(d))
+    for p in out.values():
+        if p.shards is None:
+            p.shards = cfg.default_shards
+    return list(out.values())

@@ -1,0 +1,155 @@
+"""The memory bank split into shards, one Serve multiplexed "model" per (artifact version, shard).
+
+``BankShard`` replicas each hold whichever shards were routed to them (multiplexing keeps a shard
+on the replica that already loaded it; autoscaling adds replicas under load). ``ShardedSearch``
+fans a query out to all shards of a product and merges their top-k, implementing the library's
+``NeighbourSearch`` protocol so ``tocoad_ray.bank.scoring`` runs on it unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from ray import serve
+
+from tocoad_ray.artifact import ArtifactError, load_tensors, read_meta
+from tocoad_ray.bank.knn import KNNIndex, faiss_gpu_available
+
+
+def shard_bounds(n: int, shards: int) -> list[int]:
+    """Row boundaries of ``shards`` contiguous, near-equal slices of an n-row bank."""
+    shards = max(1, min(int(shards), n))
+    return [int(round(n * i / shards)) for i in range(shards + 1)]
+
+
+def meta_sha(artifact: str | Path) -> str:
+    """The version of an artifact: sha256 of meta.json (which holds every other file's sha256)."""
+    return hashlib.sha256((Path(artifact) / "meta.json").read_bytes()).hexdigest()
+
+
+def shard_id(artifact: str, sha: str, i: int, n: int) -> str:
+    return f"{artifact}|{sha}|{i}|{n}"
+
+
+def parse_shard_id(mid: str) -> tuple[str, str, int, int]:
+    artifact, sha, i, n = mid.rsplit("|", 3)
+    return artifact, sha, int(i), int(n)
+
+
+@dataclass
+class LoadedShard:
+    index: KNNIndex
+    offset: int
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(q, k)
+
+    def vectors(self, local_idx: np.ndarray) -> np.ndarray:
+        return self.index.bank[local_idx]
+
+
+def load_shard(mid: str) -> LoadedShard:
+    """Load shard i of n of the artifact version named in ``mid``; refuse a changed artifact."""
+    artifact, sha, i, n = parse_shard_id(mid)
+    meta = read_meta(artifact, verify=True)
+    if meta_sha(artifact) != sha:
+        raise ArtifactError(f"{artifact} changed on disk since version {sha[:12]} was published")
+    bank = load_tensors(Path(artifact) / "bank.safetensors")["bank"]
+    b = shard_bounds(len(bank), n)
+    if i >= len(b) - 1:
+        raise ArtifactError(f"shard {i} of {n} does not exist for a bank of {len(bank)} rows")
+    use_gpu = bool(meta["config"]["bank"].get("faiss_gpu", True)) and faiss_gpu_available()
+    return LoadedShard(KNNIndex(bank[b[i]:b[i + 1]], use_gpu=use_gpu), b[i])
+
+
+@serve.deployment(name="BankShard")
+class BankShard:
+    """Holds bank shards (faiss GPU index when a GPU is present, CPU otherwise) and answers k-NN."""
+
+    def __init__(self):
+        try:  # replicas share a few cores: one OpenMP thread each avoids oversubscription
+            import faiss
+
+            if not faiss_gpu_available():
+                faiss.omp_set_num_threads(1)
+        except Exception:
+            pass
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def get_shard(self, mid: str) -> LoadedShard:
+        return await asyncio.to_thread(load_shard, mid)
+
+    async def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        shard = await self.get_shard(serve.get_multiplexed_model_id())
+        return await asyncio.to_thread(shard.search, q, k)
+
+    async def vectors(self, local_idx: np.ndarray) -> np.ndarray:
+        shard = await self.get_shard(serve.get_multiplexed_model_id())
+        return shard.vectors(local_idx)
+
+    async def info(self) -> dict[str, Any]:
+        shard = await self.get_shard(serve.get_multiplexed_model_id())
+        return {"offset": shard.offset, "size": len(shard.index), "on_gpu": shard.index.on_gpu}
+
+
+class Result(Protocol):
+    def result(self) -> Any: ...
+
+
+class ShardClient(Protocol):
+    """One shard: calls return something with ``.result()`` so fan-outs can overlap."""
+
+    def search(self, q: np.ndarray, k: int) -> Result: ...
+
+    def vectors(self, local_idx: np.ndarray) -> Result: ...
+
+
+class ServeShardClient:
+    """A shard behind the ``BankShard`` deployment, addressed by its multiplex id."""
+
+    def __init__(self, handle, mid: str):
+        self.h = handle.options(multiplexed_model_id=mid)
+
+    def search(self, q, k):
+        return self.h.search.remote(q, k)
+
+    def vectors(self, local_idx):
+        return self.h.vectors.remote(local_idx)
+
+
+class ShardedSearch:
+    """NeighbourSearch over shards: fan out, shift local indices by the shard offset, merge top-k."""
+
+    def __init__(self, clients: Sequence[ShardClient], offsets: Sequence[int], dim: int):
+        if len(clients) != len(offsets) or not clients:
+            raise ValueError("need one offset per shard and at least one shard")
+        self.clients = list(clients)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.dim = dim
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        pending = [c.search(q, k) for c in self.clients]  # all in flight before waiting on any
+        ds, ids = [], []
+        for off, p in zip(self.offsets, pending):
+            d, i = p.result()
+            ds.append(d)
+            ids.append(i.astype(np.int64) + off)
+        d, i = np.concatenate(ds, 1), np.concatenate(ids, 1)
+        # stable sort: equal distances keep the lower global index first, like one flat index
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+    def vectors(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        flat = idx.reshape(-1)
+        owner = np.searchsorted(self.offsets, flat, side="right") - 1
+        out = np.empty((len(flat), self.dim), dtype=np.float32)
+        pending = [(s, self.clients[s].vectors(flat[owner == s] - self.offsets[s])) for s in np.unique(owner)]
+        for s, p in pending:
+            out[owner == s] = p.result()
+        return out.reshape(idx.shape + (self.dim,))
