@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-normal", action="store_true", help="keep G's ~50 %% normal samples in the grid")
     _add_config_args(p)
     p.set_defaults(func=cmd_synth)
+
+    from serve.cli import add_serve_parser
+    add_serve_parser(sub)
     return ap
 
 

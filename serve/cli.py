@@ -1,0 +1,66 @@
+"""``tocoad serve``: run the scoring service on an embedded local Ray."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from typing import Any
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="HTTP scoring service (Ray Serve) over artifact folders")
+    p.add_argument("--artifacts", help="folder whose subfolders with a meta.json become products (named after them)")
+    p.add_argument("--config", help="service config YAML (serve/config.yaml format); re-read on every poll")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--shards", type=int, help="bank shards per product (default: config default_shards, else 1)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    ov: dict[str, Any] = {}
+    if args.config:
+        ov["watch_file"] = os.path.abspath(args.config)
+    if args.artifacts:
+        ov["artifacts_dir"] = os.path.abspath(args.artifacts)
+    if args.shards:
+        ov["default_shards"] = args.shards
+    return ov
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.artifacts and not args.config:
+        raise SystemExit("tocoad serve: give --artifacts DIR and/or --config FILE")
+    import ray
+    from ray import serve
+
+    from .app import build_app
+    from .config import ConfigError
+    from .registry import effective_config
+
+    overrides = serve_overrides(args)
+    try:
+        effective_config({}, overrides)  # fail fast on a bad config, before starting Ray
+    except ConfigError as e:
+        print(f"tocoad serve: error: {e}", flush=True)
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app({}, overrides), name="tocoad", route_prefix="/")
+        print(f"serving on http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C to stop", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
