@@ -182,7 +182,11 @@ def load_detector(artifact: str | Path, device: str | None = None) -> Detector:
     cfg = from_dict(Config, meta["config"])
     bb = meta["backbone"]
     weights = str(artifact / "backbone.safetensors") if bb.get("fine_tuned") else cfg.backbone.weights
-    extractor = FeatureExtractor(bb["name"], bb["layers"], weights)
+    # weights=random: fit seeded torch with cfg.seed right before building F, so the same seed
+    # rebuilds the same random network (without touching the caller's RNG state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        extractor = FeatureExtractor(bb["name"], bb["layers"], weights)
     if extractor.weights_sha256 != bb["weights_sha256"]:
         raise ArtifactError(
             f"{artifact}: the bank was built with backbone {bb['name']} weights sha256 {bb['weights_sha256'][:12]}… "
