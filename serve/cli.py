@@ -55,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            stop.wait()
+            while not stop.wait(1.0):  # a timed wait keeps Ctrl-C responsive
+                pass
         except KeyboardInterrupt:
             pass
     finally:
