@@ -58,7 +58,7 @@ class BankConfig:
 
     patch_size: int = 3  # neighbourhood aggregation window
     coreset_ratio: float = 0.1
-    projection_dim: int | None = 128  # random projection for coreset selection when d > this
+    projection_dim: int | None = 128  # coreset selection on a random projection to this dim when d > 2x it
     num_neighbors: int = 9  # b in eq. 9
     blur_sigma: float = 4.0
     batch_size: int = 16
