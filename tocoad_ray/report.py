@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import tempfile
 from pathlib import Path
+
+from .fileio import atomic_write
 
 __all__ = ["with_mean", "markdown_table", "write_results"]
 
@@ -100,20 +100,7 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     # Write next to the target and os.replace it: readers never see a partial file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def write_results(results: dict[str, dict], json_path, md_path=None, mean: bool = True) -> dict[str, dict]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .artifact import atomic_write_bytes
+from .fileio import atomic_write_bytes
 
 
 def colormap(x: np.ndarray) -> np.ndarray:

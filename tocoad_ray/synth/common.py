@@ -8,7 +8,7 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["rotate_base", "rotate_reflect", "as_rgb", "is_gray", "to_gray3"]
+__all__ = ["rotate_base", "rotate_reflect", "as_rgb", "is_gray", "to_gray3", "begin_anomaly", "finish_anomaly"]
 
 
 def as_rgb(image: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
@@ -74,3 +74,25 @@ def rotate_base(image: np.ndarray, rng: np.random.Generator, max_angle: float = 
     if k:
         img = np.rot90(img, k, axes=(0, 1))
     return np.ascontiguousarray(img)
+
+
+def begin_anomaly(image: np.ndarray, rng: np.random.Generator, rotate: bool, max_angle: float,
+                  normal_prob: float):
+    """Common start of every G: -> (base, out, mask, restore, anomalous).
+
+    ``base`` is I_R (``rotate_base`` when ``rotate``, else an RGB copy of ``image``), ``out`` a copy
+    of it to paint into, ``mask`` an all-False HxW y_G, ``restore`` maps RGB back to the input's
+    layout (see ``as_rgb``), and ``anomalous`` is False with probability ``normal_prob``. The rng
+    draws (rotation, then one uniform) are the same for every generator."""
+    img, restore = as_rgb(image)
+    base = rotate_base(img, rng, max_angle) if rotate else img.copy()
+    out = base.copy()
+    mask = np.zeros(base.shape[:2], bool)
+    return base, out, mask, restore, bool(rng.random() >= normal_prob)
+
+
+def finish_anomaly(out: np.ndarray, mask: np.ndarray, base: np.ndarray,
+                   restore: Callable[[np.ndarray], np.ndarray], return_base: bool):
+    """(I_G, y_G) in the input's layout, plus I_R when ``return_base``."""
+    res = (restore(out), mask)
+    return res + (restore(base),) if return_base else res

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .common import as_rgb, is_gray, rotate_base, to_gray3
+from .common import begin_anomaly, finish_anomaly, is_gray, to_gray3
 
 __all__ = ["cutpaste", "color_jitter"]
 
@@ -46,12 +46,9 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator, variant: str = "normal
     """
     if variant not in ("normal", "scar"):
         raise ValueError(f"unknown cutpaste variant {variant!r}")
-    img, restore = as_rgb(image)
-    base = rotate_base(img, rng, max_angle) if rotate else img.copy()
+    base, out, mask, restore, anomalous = begin_anomaly(image, rng, rotate, max_angle, normal_prob)
     H, W = base.shape[:2]
-    out = base.copy()
-    mask = np.zeros((H, W), bool)
-    if rng.random() >= normal_prob:
+    if anomalous:
         gray = is_gray(base)
         if variant == "normal":
             area = rng.uniform(*area_ratio) * H * W
@@ -84,5 +81,4 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator, variant: str = "normal
             region = out[ty:ty + rh, tx:tx + rw]
             region[fp] = rot[..., :3][fp]
             mask[ty:ty + rh, tx:tx + rw] = fp
-    res = (restore(out), mask)
-    return res + (restore(base),) if return_base else res
+    return finish_anomaly(out, mask, base, restore, return_base)

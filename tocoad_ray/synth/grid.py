@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from ..fileio import atomic_write
 
 __all__ = ["save_grid", "grid_size"]
 
@@ -57,15 +57,5 @@ def save_grid(samples: Sequence[tuple[np.ndarray, np.ndarray]], path: str, cols:
         y = PAD + r * (2 * H + PAD)
         sheet.paste(Image.fromarray(img), (x, y))
         sheet.paste(Image.fromarray(np.rint(over).astype(np.uint8)), (x, y + H))
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda p: sheet.save(p, format="PNG"))
     return path

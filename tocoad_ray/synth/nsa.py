@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import fft
 
-from .common import as_rgb, is_gray, rotate_base, to_gray3
+from .common import as_rgb, begin_anomaly, finish_anomaly, is_gray, to_gray3
 
 __all__ = ["nsa", "poisson_blend"]
 
@@ -58,12 +58,9 @@ def nsa(image: np.ndarray, rng: np.random.Generator, sources: Sequence[np.ndarra
     patch is pasted (y_G = changed pixels). The object-placement heuristics and patch rescaling of
     the NSA paper are left out.
     """
-    img, restore = as_rgb(image)
-    base = rotate_base(img, rng, max_angle) if rotate else img.copy()
+    base, out, mask, restore, anomalous = begin_anomaly(image, rng, rotate, max_angle, normal_prob)
     H, W = base.shape[:2]
-    out = base.copy()
-    mask = np.zeros((H, W), bool)
-    if rng.random() >= normal_prob:
+    if anomalous:
         gray = is_gray(base)
 
         def side(dim):
@@ -96,5 +93,4 @@ def nsa(image: np.ndarray, rng: np.random.Generator, sources: Sequence[np.ndarra
         region = out[ty:ty + ph, tx:tx + pw]
         region[changed] = blended[changed]
         mask[ty:ty + ph, tx:tx + pw] = changed
-    res = (restore(out), mask)
-    return res + (restore(base),) if return_base else res
+    return finish_anomaly(out, mask, base, restore, return_base)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import as_rgb, is_gray, rotate_base, to_gray3
+from .common import begin_anomaly, finish_anomaly, is_gray, to_gray3
 from .perlin import perlin_mask
 from .textures import TextureSource, augment_texture
 
@@ -34,12 +34,9 @@ def perlin_anomaly(image: np.ndarray, rng: np.random.Generator, textures: Textur
     ``textures`` defaults to procedural textures. With probability ``normal_prob`` I_R is returned
     unchanged with an all-False mask. Textures are converted to grey for grey images.
     """
-    img, restore = as_rgb(image)
-    base = rotate_base(img, rng, max_angle) if rotate else img.copy()
+    base, out, mask, restore, anomalous = begin_anomaly(image, rng, rotate, max_angle, normal_prob)
     H, W = base.shape[:2]
-    out = base.copy()
-    mask = np.zeros((H, W), bool)
-    if rng.random() >= normal_prob:
+    if anomalous:
         mask = perlin_mask((H, W), rng, min_scale=min_scale, max_scale=max_scale, threshold=threshold)
         tex = augment_texture((textures or _default_textures()).sample(rng, (H, W)), rng)
         if is_gray(base):
@@ -47,5 +44,4 @@ def perlin_anomaly(image: np.ndarray, rng: np.random.Generator, textures: Textur
         beta = float(rng.uniform(*beta_range))
         blended = (1.0 - beta) * tex[mask].astype(np.float32) + beta * base[mask].astype(np.float32)
         out[mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    res = (restore(out), mask)
-    return res + (restore(base),) if return_base else res
+    return finish_anomaly(out, mask, base, restore, return_base)

@@ -15,39 +15,19 @@ epochs are removed after the pointer moves. A checksum mismatch or unreadable fi
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..fileio import atomic_write, sha256_file
 
 POINTER = "latest.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupted or does not fit the current configuration."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def to_primitive(obj: Any) -> Any:
@@ -87,11 +67,11 @@ def save_checkpoint(stage_dir: Path, state: dict[str, Any], meta: dict[str, Any]
     model = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
     rest = to_primitive({k: v for k, v in state.items() if k != "model"})
     names = {"model": f"model_e{epoch:04d}.safetensors", "state": f"state_e{epoch:04d}.pt"}
-    _atomic_write(stage_dir / names["model"], lambda p: save_file(model, str(p)))
-    _atomic_write(stage_dir / names["state"], lambda p: torch.save(rest, p))
+    atomic_write(stage_dir / names["model"], lambda p: save_file(model, str(p)))
+    atomic_write(stage_dir / names["state"], lambda p: torch.save(rest, p))
     pointer = {"epoch": epoch, "files": {n: sha256_file(stage_dir / n) for n in names.values()},
                "model": names["model"], "state": names["state"], **(meta or {})}
-    _atomic_write(stage_dir / POINTER, lambda p: p.write_text(json.dumps(pointer, indent=1)))
+    atomic_write(stage_dir / POINTER, lambda p: p.write_text(json.dumps(pointer, indent=1)))
     keep = set(names.values()) | {POINTER}
     for old in stage_dir.iterdir():
         if old.name not in keep and old.suffix in (".safetensors", ".pt") and old.name.startswith(("model_e", "state_e")):

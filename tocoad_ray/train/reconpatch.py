@@ -23,53 +23,24 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..artifact import atomic_save_tensors
 from ..config import Config
+from ..fileio import atomic_write, sha256_file
 from ..models.backbone import resolve_device
 from ..models.reconpatch import PatchAdapter, ReConPatch, pseudo_labels, relaxed_contrastive_loss
+from .checkpoint import CheckpointError
 
 WEIGHT_DECAY = 1e-2  # AdamW default; ReConPatchConfig has no field for it
 KEEP_CHECKPOINTS = 2
 
 
-class CheckpointError(RuntimeError):
-    """A ReConPatch checkpoint is missing, corrupt, or belongs to a different run."""
-
-
-# --- checkpoint helpers (kept here, separate from the ToCoAD stage checkpoints) -------------------
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_tensors(sd: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    cpu = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    _atomic_write(path, lambda p: save_file(cpu, str(p)))
-
+# --- checkpoint helpers (own layout, separate from the ToCoAD stage checkpoints; same error type) ---
 
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
@@ -87,16 +58,16 @@ def save_checkpoint(ckdir: Path, epoch: int, model: ReConPatch, ema: ReConPatch,
     ckdir.mkdir(parents=True, exist_ok=True)
     stem = f"epoch_{epoch:04d}"
     names = {"model": f"{stem}.model.safetensors", "ema": f"{stem}.ema.safetensors", "optim": f"{stem}.optim.pt"}
-    _save_tensors(model.state_dict(), ckdir / names["model"])
-    _save_tensors(ema.state_dict(), ckdir / names["ema"])
+    atomic_save_tensors(ckdir / names["model"], model.state_dict())
+    atomic_save_tensors(ckdir / names["ema"], ema.state_dict())
     opt_sd = _to_cpu(opt.state_dict())
-    _atomic_write(ckdir / names["optim"], lambda p: torch.save(opt_sd, p))
+    atomic_write(ckdir / names["optim"], lambda p: torch.save(opt_sd, p))
     meta = {
         "epoch": epoch, "seed": seed,
         "dims": {"in_dim": model.in_dim, "out_dim": model.out_dim, "proj_dim": model.proj_dim},
-        "files": {k: {"name": v, "sha256": _sha256(ckdir / v)} for k, v in names.items()},
+        "files": {k: {"name": v, "sha256": sha256_file(ckdir / v)} for k, v in names.items()},
     }
-    _atomic_write(ckdir / "latest.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write(ckdir / "latest.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     for old in sorted(ckdir.glob("epoch_*.model.safetensors"))[:-KEEP_CHECKPOINTS]:
         prefix = old.name.split(".")[0]
         for f in ckdir.glob(prefix + ".*"):
@@ -122,7 +93,7 @@ def load_checkpoint(ckdir: Path, model: ReConPatch, ema: ReConPatch, opt: torch.
                               f"{meta.get('seed')}; now {dims}, seed {seed}); use another workdir or resume=False")
     for key, info in files.items():
         path = ckdir / info["name"]
-        if not path.is_file() or _sha256(path) != info["sha256"]:
+        if not path.is_file() or sha256_file(path) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {path} is missing or fails its sha256 check")
     model.load_state_dict(load_file(str(ckdir / files["model"]["name"]), device=str(device)))
     ema.load_state_dict(load_file(str(ckdir / files["ema"]["name"]), device=str(device)))
@@ -231,7 +202,7 @@ def train_reconpatch(cfg: Config, patches: torch.Tensor, workdir: str | Path, de
         bar.close()
 
     adapter = model.adapter().eval()
-    _save_tensors(adapter.state_dict(), ckdir / "adapter.safetensors")
+    atomic_save_tensors(ckdir / "adapter.safetensors", adapter.state_dict())
     return adapter
 
 
