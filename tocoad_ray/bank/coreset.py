@@ -76,16 +76,44 @@ def _greedy_pruned(z: np.ndarray, k: int, first: int, progress: bool) -> np.ndar
     cnl = np.empty(k, dtype=np.float32)
     czl[0] = zl[first]
     cnl[0] = float(zl[first] @ zl[first])
-    flag = np.zeros(n, dtype=bool)  # scratch: points moved in this iteration
     mind = np.sqrt(((z - z[first]) ** 2).sum(1, dtype=np.float32))  # distance to own centre
-    # Cluster j = points whose nearest centre is centre j, kept as sorted index arrays (sorted, so
-    # argmax ties go to the lowest index exactly as in the plain loop). radius[j] = max mind over j,
-    # far[j] = the point attaining it, so the next centre is found in O(k).
-    members: list[np.ndarray] = [np.arange(n)]
+    # Cluster j = points whose nearest centre is centre j. Its members are kept sorted by
+    # (mind descending, index ascending); a point's mind only changes when it moves to a *new*
+    # cluster, so entries are never re-sorted: a moved point just becomes a stale entry (own[x] != j),
+    # skipped lazily and compacted away when stale entries dominate. Then
+    #   * the cluster's farthest point is its first valid entry (ties → lowest index, as the plain loop),
+    #   * the points that may move to a new centre (mind > ‖c − c_j‖/2) are a prefix found by bisection,
+    # so an iteration costs O(points that may move), not O(cluster size): uniform textures keep a few
+    # huge clusters for thousands of iterations.
+    own = np.zeros(n, dtype=np.int32)
+    order0 = np.lexsort((np.arange(n), -mind))
+    members: list[np.ndarray] = [order0]
+    keys: list[np.ndarray] = [-mind[order0]]  # ascending, for searchsorted
+    head = np.zeros(k, dtype=np.int64)  # first possibly-valid entry of each cluster
+    stale = np.zeros(k, dtype=np.int64)
     radius = np.zeros(k, dtype=np.float32)
     far = np.zeros(k, dtype=np.int64)
-    radius[0] = mind.max()
-    far[0] = int(np.argmax(mind))
+    radius[0] = mind[order0[0]]
+    far[0] = order0[0]
+
+    def refresh(j: int) -> None:
+        """Advance cluster j's head past stale entries; compact when mostly stale."""
+        mem = members[j]
+        if stale[j] > 32 and 2 * stale[j] > mem.size:
+            keep = own[mem] == j
+            members[j] = mem = mem[keep]
+            keys[j] = keys[j][keep]
+            head[j] = 0
+            stale[j] = 0
+        h = int(head[j])
+        while h < mem.size and own[mem[h]] != j:
+            h += 1
+        head[j] = h
+        if h < mem.size:
+            radius[j] = mind[mem[h]]
+            far[j] = mem[h]
+        else:
+            radius[j] = 0.0
 
     bar = None
     if progress:
@@ -123,43 +151,45 @@ def _greedy_pruned(z: np.ndarray, k: int, first: int, progress: bool) -> np.ndar
         dc_c = np.sqrt(np.maximum(cn[cand] - 2.0 * (cz[cand] @ zc) + ncc, 0.0))
         ok = dc_c < 2.0 * r[cand] + slack
         cand, dc_c = cand[ok], dc_c[ok]
-        lists = [members[j] for j in cand]
-        idx = np.concatenate(lists) if len(lists) > 1 else lists[0]
-        pos = np.repeat(np.arange(cand.size), [a.size for a in lists]) if len(lists) > 1 else np.zeros(idx.size, np.int64)
-        owner = cand[pos]
-        # point-level test: x can move only if mind(x) > ‖c − c_own(x)‖ / 2
-        sel = mind[idx] > 0.5 * dc_c[pos] - slack
-        idx_s, own_s = idx[sel], owner[sel]
-        # lower bound from the leading coordinates rules out most of the rest cheaply
-        lbp = ((zl[idx_s] - zcl) ** 2).sum(1, dtype=np.float32)
-        close = lbp < (mind[idx_s] + slack) ** 2
-        idx_s, own_s = idx_s[close], own_s[close]
-        dist = np.sqrt(((z[idx_s] - zc) ** 2).sum(1, dtype=np.float32))
-        moved = dist < mind[idx_s]
-        mv = idx_s[moved]
+        # point-level test: x can move only if mind(x) > ‖c − c_own(x)‖ / 2: a prefix of each list
+        tau = 0.5 * dc_c - slack
+        lists, owners, taus = [], [], []
+        for j, tj in zip(cand.tolist(), tau.tolist()):
+            h = int(head[j])
+            mem = members[j]
+            if mem.size - h > 256:  # big cluster: bisect to the prefix with mind > τ_j
+                hi = int(np.searchsorted(keys[j], -tj, side="left"))
+                if hi <= h:
+                    continue
+                mem = mem[h:hi]
+            else:  # small cluster: a Python-level bisection costs more than testing every entry
+                mem = mem[h:]
+            lists.append(mem)
+            owners.append(j)
+            taus.append(tj)
+        sizes = [a.size for a in lists]
+        idx = np.concatenate(lists)
+        lo = np.repeat(np.asarray(owners, dtype=np.int32), sizes)
+        # drop stale entries (points that moved on) and points too close to their centre to move
+        idx = idx[(own[idx] == lo) & (mind[idx] > np.repeat(np.asarray(taus, dtype=np.float32), sizes))]
+        # a lower bound from the leading coordinates rules out most of the rest cheaply
+        lbp = ((zl[idx] - zcl) ** 2).sum(1, dtype=np.float32)
+        idx = idx[lbp < (mind[idx] + slack) ** 2]
+        dist = np.sqrt(((z[idx] - zc) ** 2).sum(1, dtype=np.float32))
+        moved = dist < mind[idx]
+        mv = idx[moved]
+        old = own[mv]
         mind[mv] = dist[moved]
-        touched = np.unique(own_s[moved])
-        flag[mv] = True
-        for j in touched:
-            keep = members[j]
-            keep = keep[~flag[keep]]
-            members[j] = keep
-            if keep.size:
-                mk = mind[keep]
-                a = int(np.argmax(mk))
-                radius[j] = mk[a]
-                far[j] = keep[a]
-            else:
-                radius[j] = 0.0
-                far[j] = c
-        flag[mv] = False
-        new = np.sort(mv) if mv.size else np.array([c], dtype=np.int64)
-        mind[c] = 0.0
-        members.append(new)
-        mn = mind[new]
-        a = int(np.argmax(mn))
-        radius[t] = mn[a]
-        far[t] = new[a]
+        own[mv] = t
+        touched, counts = np.unique(old, return_counts=True)
+        stale[touched] += counts
+        for j in touched.tolist():
+            refresh(j)
+        order = mv[np.lexsort((mv, -mind[mv]))]
+        members.append(order)
+        keys.append(-mind[order])
+        radius[t] = mind[order[0]]
+        far[t] = order[0]
         if bar is not None:
             bar.update(1)
     if bar is not None:
