@@ -37,7 +37,7 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--categories", default="mvtec_ad/bottle,magnetic_tile/mt,mpdd/metal_plate")
+    ap.add_argument("--categories", default="mvtec_ad/bottle,mpdd/metal_plate,magnetic_tile/mt")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--config", default=str(ROOT / "configs" / "paper.yaml"))
     ap.add_argument("--stage1-epochs", type=int, default=3)
