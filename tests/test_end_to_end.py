@@ -85,6 +85,8 @@ def test_predict_writes_heatmaps_and_json(fitted, bottle_root, tmp_path, capsys)
         assert p["anomalous"] == (p["score"] >= p["threshold"])
     assert preds[1]["score"] > preds[0]["score"]
     assert preds[1]["anomalous"]
+    # two images with the same file name (000.png in good/ and broken_large/) keep separate heatmaps
+    assert good.name == bad.name and preds[0]["heatmap"] != preds[1]["heatmap"]
     from PIL import Image
 
     assert Image.open(preds[0]["heatmap"]).size[0] >= 128

@@ -267,6 +267,7 @@ def predict(artifact: str | Path, images: Sequence[str | Path], out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     thr = det.threshold if threshold is None else float(threshold)
     results = []
+    used: set[Path] = set()
     for path in images:
         path = Path(path)
         rgb = read_image(path)
@@ -275,6 +276,9 @@ def predict(artifact: str | Path, images: Sequence[str | Path], out_dir: str | P
         shown = det.preprocess.denormalize(x)
         overlay = heatmap_overlay(shown, m[0], det.meta["score_stats"], thr)
         png = out_dir / f"{path.stem}_heatmap.png"
+        if png in used:  # same file name from different folders: keep both
+            png = out_dir / f"{path.parent.name}_{path.stem}_{len(used)}_heatmap.png"
+        used.add(png)
         save_png(png, overlay)
         results.append({"image": str(path), "score": float(s[0]), "threshold": thr, "anomalous": bool(s[0] >= thr),
                         "heatmap": str(png)})
