@@ -97,7 +97,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resu
         timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"coreset: selecting {cfg.bank.coreset_ratio:.0%} of {len(patches)} patches ({patches.shape[1]} dims)")
+    log(f"coreset: selecting {cfg.bank.coreset_ratio:.3g} of {len(patches)} patches ({patches.shape[1]} dims)")
     bank = MemoryBank.build(patches, cfg.bank.coreset_ratio, cfg.bank.projection_dim, cfg.seed, source,
                             use_gpu=_use_faiss_gpu(cfg), progress=progress)
     timings["coreset_s"] = time.perf_counter() - t
