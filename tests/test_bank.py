@@ -80,6 +80,74 @@ def test_coreset_beats_random_on_bottle_features(bottle_features):
     assert ours < 1.15 * exact, (ours, exact)
 
 
+# ---------------------------------------------------------------- ε-approximate greedy in rounds (the default)
+
+
+def _replay_slack(x: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """For each pick t ≥ 1: its distance to picks 0..t−1 divided by the farthest point's (float64)."""
+    x = x.astype(np.float64)
+    mind = np.sqrt(((x - x[sel[0]]) ** 2).sum(1))
+    out = []
+    for c in sel[1:]:
+        out.append(mind[c] / mind.max())
+        mind = np.minimum(mind, np.sqrt(((x - x[c]) ** 2).sum(1)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("d,eps", [(16, 0.02), (100, 0.02), (100, 0.2)])
+def test_batched_every_pick_is_an_eps_farthest_point(d, eps):
+    """The defining property of the relaxed greedy: when picked, a centre is at least (1 − ε)× as far
+    from the selection as the farthest point (d = 100 exercises the leading-coordinate screening)."""
+    x = clustered(3000, d, seed=5)
+    sel = greedy_coreset(x, 300, projection_dim=None, seed=1, eps=eps)
+    assert len(np.unique(sel)) == 300 and sel[0] == _first(len(x), 1)
+    ratio = _replay_slack(x, sel)
+    assert ratio.min() >= 1.0 - eps - 1e-4, ratio.min()
+    # rounds really batch: with a large ε some picks are not the exact farthest point
+    if eps >= 0.2:
+        assert ratio.min() < 0.999
+
+
+def test_batched_radius_within_5pct_of_exact_on_bottle_features(bottle_features):
+    x = bottle_features
+    k = 154  # 10 %
+    exact = covering_radius(x, greedy_coreset(x, k, projection_dim=None, seed=0))
+    ours = covering_radius(x, greedy_coreset(x, k, projection_dim=None, seed=0, eps=0.02))
+    assert ours <= 1.05 * exact, (ours, exact)
+
+
+def test_batched_radius_within_5pct_of_exact_on_uniform_data():
+    """Uniform high-dimensional data (a texture's patches) defeats the pruning; batching must still
+    keep the radius close to exact greedy."""
+    x = np.random.default_rng(0).normal(size=(4000, 96)).astype(np.float32)
+    exact = covering_radius(x, greedy_coreset(x, 400, projection_dim=None, seed=0))
+    ours = covering_radius(x, greedy_coreset(x, 400, projection_dim=None, seed=0, eps=0.02))
+    assert ours <= 1.05 * exact, (ours, exact)
+
+
+def test_batched_seeded_reproducibility_and_duplicates():
+    x = clustered(2000, 80, seed=2)
+    a = greedy_coreset(x, 150, projection_dim=None, seed=3, eps=0.05)
+    np.testing.assert_array_equal(a, greedy_coreset(x, 150, projection_dim=None, seed=3, eps=0.05))
+    assert not np.array_equal(a, greedy_coreset(x, 150, projection_dim=None, seed=4, eps=0.05))
+    # 5 distinct rows repeated: the first 5 picks cover everything, the rest fill up without repeats
+    y = np.repeat(clustered(5, 8, seed=1), 20, axis=0)
+    sel = greedy_coreset(y, 12, projection_dim=None, seed=0, eps=0.02)
+    assert len(np.unique(sel)) == 12
+    assert covering_radius(y, sel[:5]) == 0.0
+    with pytest.raises(ValueError, match="eps"):
+        greedy_coreset(x, 10, eps=1.0)
+
+
+def test_memory_bank_build_uses_eps():
+    x = clustered(3000, 100, seed=6)
+    exact = MemoryBank.build(x, ratio=0.05, projection_dim=None, eps=0.0)
+    fast = MemoryBank.build(x, ratio=0.05, projection_dim=None, eps=0.2)
+    assert len(exact) == len(fast) == 150
+    assert not np.array_equal(exact.bank, fast.bank)  # a different (relaxed) selection ...
+    assert fast.search(x, 1)[0].max() <= 1.25 * exact.search(x, 1)[0].max()  # ... of similar quality
+
+
 # ---------------------------------------------------------------- exactness vs the plain greedy loop
 
 

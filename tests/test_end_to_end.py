@@ -128,6 +128,9 @@ def test_cli_bad_set_key(capsys, data_root, tmp_path):
     err = _err(capsys, ["fit", "--data", str(data_root / "mvtec_ad"), "--category", "bottle",
                         "--out", str(tmp_path / "a"), "--set", "bank.coreset_ratio=2"])
     assert "coreset_ratio" in err
+    err = _err(capsys, ["fit", "--data", str(data_root / "mvtec_ad"), "--category", "bottle",
+                        "--out", str(tmp_path / "a"), "--set", "bank.coreset_eps=1.5"])
+    assert "coreset_eps" in err
 
 
 def test_cli_corrupt_config_yaml(capsys, data_root, tmp_path):

