@@ -77,7 +77,8 @@ def test_round_trip_scores_equal_fresh_bank(artifact, tiny_root):
     patches, grid = extract(model, DataLoader(ImageDataset(split.train, pre), batch_size=cfg.bank.batch_size))
     P = grid[0] * grid[1]
     source = np.repeat(np.arange(len(split.train), dtype=np.int32), P)
-    bank = MemoryBank.build(patches, cfg.bank.coreset_ratio, cfg.bank.projection_dim, cfg.seed, source)
+    bank = MemoryBank.build(patches, cfg.bank.coreset_ratio, cfg.bank.projection_dim, cfg.seed, source,
+                            eps=cfg.bank.coreset_eps, device="cpu")
 
     saved = load_tensors(artifact / "bank.safetensors")
     np.testing.assert_array_equal(saved["bank"], bank.bank)
