@@ -255,12 +255,11 @@ def _greedy_batched(z: torch.Tensor, k: int, first: int, eps: float, progress: b
         bar = tqdm(total=k, desc="coreset", unit="pt", mininterval=1.0)
     t = 0
     acc_idx = torch.tensor([first], device=dev)
+    slack = 0.0  # first round: mind is +inf everywhere, every point is updated
     while True:
         # add the accepted centres acc_idx as t .. t+B−1 and update mind / own
         B = acc_idx.numel()
         C, Cn = z[acc_idx], zn[acc_idx]
-        R = float(mind.max()) if t else float("inf")
-        slack = 1e-3 * R if t else 0.0  # BLAS-form rounding: test generously, an extra candidate costs time only
         if t:  # triangle inequality: tau_j = min_b ‖C_b − c_j‖ / 2; points with mind ≤ tau_own cannot move
             tau = torch.empty(t, dtype=z.dtype, device=dev)
             for s in range(0, t, chunk):
@@ -306,6 +305,7 @@ def _greedy_batched(z: torch.Tensor, k: int, first: int, eps: float, progress: b
             centers[t:] = np.flatnonzero(~chosen)[: k - t]
             break
         thr = (1.0 - eps) * R
+        slack = 1e-3 * R  # BLAS-form rounding: test generously, an extra candidate costs time only
         keep = vals >= thr
         v, c = vals[keep].cpu().numpy(), cand[keep].cpu().numpy()
         c = c[np.lexsort((c, -v))]
