@@ -149,6 +149,44 @@ class ReConPatchConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Ray execution of ``tocoad train-all`` (does not change the math).
+
+    Each training stage runs as a TorchTrainer of ``num_workers`` DDP workers. The global batch
+    (``stage{1,2}.batch_size``) and the learning rates stay the paper's whatever the number of
+    workers: each worker takes batch_size / num_workers rows of every step and DDP averages the
+    gradients, so one step sees the same samples as the single-process loop.
+    """
+
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has any
+    gpus_per_worker: float = 1.0
+    data_cpus: float = 0.5  # CPUs per Ray Data task that makes G's samples / view pairs
+    feature_actors: int = 1  # actor pool size for the bank's feature extraction
+    driver_cpus: float = 1.0  # per-category driver: coreset, statistics, evaluation
+    max_failures: int = 2  # dead workers replaced, training resumed from the last checkpoint
+    storage_path: str | None = None  # checkpoints; shared storage on a multi-node cluster (default OUT/ray)
+    max_concurrent_categories: int = 0  # 0: as many as the cluster's resources allow
+    baseline: bool = True  # also build frozen-F PatchCore in the same run, for the report
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"distributed.num_workers must be >= 1, got {self.num_workers}")
+        for key in ("cpus_per_worker", "data_cpus", "driver_cpus"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"distributed.{key} must be > 0, got {getattr(self, key)}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        if self.feature_actors < 1:
+            raise ConfigError(f"distributed.feature_actors must be >= 1, got {self.feature_actors}")
+        if self.max_failures < -1:
+            raise ConfigError(f"distributed.max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
+        if self.max_concurrent_categories < 0:
+            raise ConfigError(f"distributed.max_concurrent_categories must be >= 0, got {self.max_concurrent_categories}")
+
+
+@dataclass
 class Config:
     """Top-level configuration of a fit. ``method``: patchcore | tocoad | reconpatch."""
 
@@ -161,6 +199,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     reconpatch: ReConPatchConfig = field(default_factory=ReConPatchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

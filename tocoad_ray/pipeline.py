@@ -79,19 +79,33 @@ def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resu
     t = time.perf_counter()
     patches, grid = extract(model, _loader(split.train, preprocess, cfg), progress, "train features")
     timings["features_s"] = time.perf_counter() - t
-    P = grid[0] * grid[1]
-    n_train = len(split.train)
-    source = np.repeat(np.arange(n_train, dtype=np.int32), P)
+    return finish_fit(cfg, out, category, data_root, extractor, preprocess, patches, grid, len(split.train),
+                      files=files, timings=timings, t_start=t0, device=device, resume=resume, progress=progress, log=log)
 
+
+def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, extractor: FeatureExtractor,
+               preprocess: Preprocess, patches: np.ndarray, grid: tuple[int, int], n_train: int, *,
+               files: dict[str, str], timings: dict[str, float], t_start: float, device: torch.device,
+               resume: bool = False, progress: bool = True, log: Log = print,
+               train_adapter: Callable[..., torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Everything after the training features (image-major rows of F's patches): ReConPatch's g
+    (method reconpatch), the coreset M (eq. 7), leave-one-image-out score statistics, threshold and
+    the artifact. ``pipeline.fit`` and the Ray job both end here, so the same features give the
+    same artifact. ``train_adapter`` replaces ``train_reconpatch`` (same signature), e.g. to run it
+    as a Ray task."""
+    out = Path(out)
+    P = grid[0] * grid[1]
+    if len(patches) != n_train * P:
+        raise ValueError(f"{len(patches)} feature rows for {n_train} images of {P} patches each")
+    source = np.repeat(np.arange(n_train, dtype=np.int32), P)
     if cfg.method == "reconpatch":
         from .train.reconpatch import train_reconpatch
 
         t = time.perf_counter()
-        adapter = train_reconpatch(cfg, torch.from_numpy(patches), out / "train", device=str(device), resume=resume,
-                                   progress=progress, log=log)
+        adapter = (train_adapter or train_reconpatch)(cfg, torch.from_numpy(patches), out / "train", device=str(device),
+                                                      resume=resume, progress=progress, log=log)
         adapter.save(out / "adapter.safetensors")
         files["adapter.safetensors"] = ""
-        model = PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=device)
         with torch.inference_mode():
             patches = torch.cat([adapter(torch.from_numpy(c)) for c in np.array_split(patches, max(1, len(patches) // 65536))]).numpy()
         timings["train_s"] = time.perf_counter() - t
@@ -121,7 +135,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resu
 
     atomic_save_tensors(out / "bank.safetensors", {"bank": bank.bank, "source_image": bank.source_image})
     files["bank.safetensors"] = ""
-    timings["fit_s"] = time.perf_counter() - t0
+    timings["fit_s"] = time.perf_counter() - t_start
     meta = {
         "version": __version__,
         "method": cfg.method,

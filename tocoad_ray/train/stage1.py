@@ -7,7 +7,7 @@ the ablation (``stage1.loss="ce"``). Adam(lr), MultiStepLR ×``lr_decay`` at 80 
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,20 +17,24 @@ from ..data import Preprocess
 from ..models.backbone import FeatureExtractor
 from ..models.discriminator import Discriminator
 from .base import StageTrainer, milestones
-from .common import seeded_init
+from .common import per_image, seeded_init
 from .losses import ce_loss, focal_loss
 
 
+def stage1_sample(image_uint8: np.ndarray, generator, preprocess: Preprocess, rng: np.random.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One element of T_G (eq. 1): (normalised I_G = G(I) [3, S, S], 0/1 mask y_G [1, S, S])."""
+    out, mask = generator(image_uint8, rng)
+    return preprocess.image(out), preprocess.mask(mask)
+
+
 def make_stage1_batch(images_uint8: list[np.ndarray], generator, preprocess: Preprocess,
-                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """T_G batch (eq. 1): each image → G(image, rng) → Preprocess. Returns
-    {"image": [B, 3, S, S] normalised I_G, "mask": [B, 1, S, S] 0/1 y_G} on the cpu."""
-    xs, ms = [], []
-    for img in images_uint8:
-        out, mask = generator(img, rng)
-        xs.append(preprocess.image(out))
-        ms.append(preprocess.mask(mask))
-    return {"image": torch.stack(xs), "mask": torch.stack(ms)}
+                      rng: np.random.Generator | Sequence[np.random.Generator]) -> dict[str, torch.Tensor]:
+    """T_G batch (eq. 1): each image → G(image, rng) → Preprocess. ``rng``: one per image (as the
+    trainers use it) or one shared. Returns {"image": [B, 3, S, S] normalised I_G, "mask":
+    [B, 1, S, S] 0/1 y_G} on the cpu."""
+    pairs = [stage1_sample(img, generator, preprocess, r) for img, r in zip(images_uint8, per_image(rng, len(images_uint8)))]
+    return {"image": torch.stack([x for x, _ in pairs]), "mask": torch.stack([m for _, m in pairs])}
 
 
 def pixel_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str, gamma: float, alpha: float) -> torch.Tensor:
@@ -59,6 +63,7 @@ class Stage1Trainer(StageTrainer):
         for p in self.extractor.parameters():
             p.requires_grad_(False)
         self.discriminator = (discriminator or build_discriminator(cfg, extractor)).to(self.device)
+        self.d_forward: torch.nn.Module = self.discriminator  # DDP-wrapped by distribute()
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.scfg.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones(self.scfg.epochs), gamma=self.scfg.lr_decay)
         self.epoch = 0
@@ -69,8 +74,13 @@ class Stage1Trainer(StageTrainer):
         with torch.no_grad():
             self.extractor.eval()
             feats = self.extractor(x)
-        logits = self.discriminator(feats, out_size=tuple(x.shape[-2:]))
+        logits = self.d_forward(feats, out_size=tuple(x.shape[-2:]))
         return pixel_loss(logits, m, self.scfg.loss, self.scfg.focal_gamma, self.scfg.focal_alpha)
+
+    def distribute(self, wrap) -> None:
+        """Data-parallel training: ``wrap`` (e.g. ``ray.train.torch.prepare_model``) wraps D in DDP;
+        F is frozen and stays local. State dicts keep the unwrapped D's names."""
+        self.d_forward = wrap(self.discriminator)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.discriminator.train()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,27 +41,46 @@ from ..models.backbone import FeatureExtractor
 from ..models.contrastive import ContrastiveHead
 from ..models.discriminator import Discriminator
 from .base import StageTrainer
-from .common import ViewAugment, seeded_init
+from .common import ViewAugment, per_image, seeded_init
 from .losses import projection_std, sym_loss
-from .stage1 import make_stage1_batch, pixel_loss
+from .stage1 import pixel_loss, stage1_sample
 
 logger = logging.getLogger(__name__)
 
 
-def make_stage2_batch(images_uint8: list[np.ndarray], preprocess: Preprocess, rng: np.random.Generator,
-                      num_views: int = 2, augment: ViewAugment | None = None, generator=None) -> dict[str, Any]:
-    """{"views": M tensors [B, 3, S, S] (views v^1..v^M of the normal images, augmentation set S),
-    "image"/"mask": G's samples as in ``make_stage1_batch`` (absent when ``generator`` is None)}."""
+def stage2_sample(image_uint8: np.ndarray, preprocess: Preprocess, rng: np.random.Generator, num_views: int = 2,
+                  augment: ViewAugment | None = None, generator=None) -> dict[str, Any]:
+    """One training row of stage II: {"views": [M, 3, S, S] views v^1..v^M of the normal image
+    (augmentation set S), and G's sample "image" [3, S, S] / "mask" [1, S, S] when ``generator``
+    is given}. Draw order from ``rng``: the M view seeds, then G."""
     augment = augment or ViewAugment(preprocess.size)
-    mean, std = preprocess.mean, preprocess.std
-    base = [(preprocess.image(img) * std + mean).clamp_(0.0, 1.0) for img in images_uint8]
-    views = []
-    for _ in range(num_views):
-        seeds = rng.integers(0, 2**62, size=len(base))
-        views.append(torch.stack([(augment(b, int(s)) - mean) / std for b, s in zip(base, seeds)]))
-    batch: dict[str, Any] = {"views": views}
+    base = (preprocess.image(image_uint8) * preprocess.std + preprocess.mean).clamp_(0.0, 1.0)
+    seeds = rng.integers(0, 2**62, size=num_views)
+    row: dict[str, Any] = {"views": torch.stack([(augment(base, int(s)) - preprocess.mean) / preprocess.std for s in seeds])}
     if generator is not None:
-        batch.update(make_stage1_batch(images_uint8, generator, preprocess, rng))
+        row["image"], row["mask"] = stage1_sample(image_uint8, generator, preprocess, rng)
+    return row
+
+
+def make_stage2_batch(images_uint8: list[np.ndarray], preprocess: Preprocess,
+                      rng: np.random.Generator | Sequence[np.random.Generator], num_views: int = 2,
+                      augment: ViewAugment | None = None, generator=None) -> dict[str, Any]:
+    """{"views": M tensors [B, 3, S, S] (views v^1..v^M of the normal images, augmentation set S),
+    "image"/"mask": G's samples as in ``make_stage1_batch`` (absent when ``generator`` is None)}.
+    ``rng``: one per image (as the trainers use it) or one shared."""
+    augment = augment or ViewAugment(preprocess.size)
+    rows = [stage2_sample(img, preprocess, r, num_views, augment, generator)
+            for img, r in zip(images_uint8, per_image(rng, len(images_uint8)))]
+    return collate_stage2(rows)
+
+
+def collate_stage2(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack ``stage2_sample`` rows into the batch ``Stage2Trainer`` takes."""
+    views = torch.stack([r["views"] for r in rows], dim=1)  # [M, B, 3, S, S]
+    batch: dict[str, Any] = {"views": list(views.unbind(0))}
+    if "image" in rows[0]:
+        batch["image"] = torch.stack([r["image"] for r in rows])
+        batch["mask"] = torch.stack([r["mask"] for r in rows])
     return batch
 
 
@@ -69,6 +88,25 @@ def _freeze_bn_stats(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+class Stage2Net(nn.Module):
+    """F + C in one forward, so data-parallel training (DDP) can wrap the trainable part of stage
+    II as one module: x (M views then G's batch, concatenated) → F's pyramid, and per layer of
+    ``layers`` the projections z and predictions p of the M views."""
+
+    def __init__(self, extractor: FeatureExtractor, head: ContrastiveHead, layers: list[str]):
+        super().__init__()
+        self.extractor, self.head, self.layers = extractor, head, list(layers)
+
+    def forward(self, x: torch.Tensor, num_views: int, batch: int):
+        feats = self.extractor(x)  # one pass: F's BN statistics are frozen
+        zs, ps = {}, {}
+        for layer in self.layers:
+            f = feats[layer]
+            zs[layer] = [self.head.project(layer, f[i * batch:(i + 1) * batch]) for i in range(num_views)]
+            ps[layer] = [self.head.predict(z) for z in zs[layer]]
+        return feats, zs, ps
 
 
 class Stage2Trainer(StageTrainer):
@@ -107,10 +145,17 @@ class Stage2Trainer(StageTrainer):
             self.target_head = copy.deepcopy(self.head)
             for p in list(self.target_extractor.parameters()) + list(self.target_head.parameters()):
                 p.requires_grad_(False)
+        self.net = Stage2Net(self.extractor, self.head, self.layers)
+        self.net_forward: nn.Module = self.net  # DDP-wrapped by distribute()
         params = list(self.extractor.parameters()) + list(self.head.parameters())
         self.optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, s.epochs))
         self.epoch = 0
+
+    def distribute(self, wrap) -> None:
+        """Data-parallel training: ``wrap`` (e.g. ``ray.train.torch.prepare_model``) wraps F + C
+        (``Stage2Net``) in DDP; the frozen D and the EMA target stay local (no gradients)."""
+        self.net_forward = wrap(self.net)
 
     # --- modes ------------------------------------------------------------------------------------
     def _set_modes(self) -> None:
@@ -131,15 +176,13 @@ class Stage2Trainer(StageTrainer):
         m, b = len(views), views[0].shape[0]
         use_neg = self.discriminator is not None and batch.get("image") is not None
         xs = views + ([batch["image"].to(self.device, non_blocking=True)] if use_neg else [])
-        feats = self.extractor(torch.cat(xs))  # one pass: BN statistics are frozen
+        feats, zs_l, ps_l = self.net_forward(torch.cat(xs), m, b)
         if self.target_extractor is not None:
             with torch.no_grad():
                 tfeats = self.target_extractor(torch.cat(views))
         l_sym, zs_all = 0.0, []
         for layer in self.layers:
-            f = feats[layer]
-            zs = [self.head.project(layer, f[i * b:(i + 1) * b]) for i in range(m)]
-            ps = [self.head.predict(z) for z in zs]
+            zs, ps = zs_l[layer], ps_l[layer]
             if self.target_head is not None:
                 with torch.no_grad():
                     tz = [self.target_head.project(layer, tfeats[layer][i * b:(i + 1) * b]) for i in range(m)]

@@ -1,0 +1,278 @@
+"""One category, end to end on Ray: stage I → stage II → bank → evaluation, plus the frozen-F
+PatchCore baseline built in the same run. ``tocoad train-all`` runs one of these per category as
+a Ray task; a Ray Tune trial can run the same function.
+
+Output layout under ``out``::
+
+    artifacts/<category>/   the method's artifact (tocoad evaluate / predict / serve take it)
+    baseline/<category>/    frozen-F PatchCore artifact of the same run
+    work/<category>/        stage{1,2}/ final stage states, result.json (written last: done)
+
+Ray Train checkpoints live in ``storage_path`` (shared storage on a multi-node cluster). Running
+again with the same output folder skips a finished category (same configuration) and resumes an
+interrupted stage from its last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, read_meta
+from ..config import Config, replace
+from ..data import DataError, Preprocess, load_split
+from ..models.backbone import FeatureExtractor
+from ..train.checkpoint import CheckpointError, load_checkpoint, read_pointer, save_checkpoint
+from ..train.common import build_extractor, fingerprint, seeded_init
+from .features import extract_features
+from .progress import report_progress
+from .samples import SampleSpec, decode_images, image_store
+from .stages import STAGE_NAMES, run_stage, stage_fingerprint, use_gpu
+
+RESULT = "result.json"
+
+
+def category_fingerprint(cfg: Config, data_root: str | Path, category: str) -> str:
+    """A finished category is reused only for the same config, data and category."""
+    return hashlib.sha256(fingerprint({"config": cfg.to_dict(), "data": str(data_root), "category": category}).encode()
+                          ).hexdigest()
+
+
+def finished_result(out: Path, cfg: Config, data_root: str | Path, category: str) -> dict[str, Any] | None:
+    """The saved result of a finished category with this configuration, if its artifacts still verify."""
+    path = Path(out) / "work" / category / RESULT
+    if not path.is_file():
+        return None
+    try:
+        res = json.loads(path.read_text())
+        if res.get("status") != "ok" or res.get("fingerprint") != category_fingerprint(cfg, data_root, category):
+            return None
+        for art in (res.get("artifact"), res.get("baseline_artifact")):
+            if art:
+                read_meta(art)  # checksums of every file
+    except (ValueError, KeyError, ArtifactError, OSError):
+        return None
+    return res
+
+
+def _mean_std(cfg: Config) -> tuple[list[float], list[float]]:
+    ex = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
+    return list(ex.mean), list(ex.std)
+
+
+def _stage(cfg: Config, stage: int, category: str, work: Path, store, n: int, spec: SampleSpec, storage: str,
+           board: str | None, log: Callable[[str], None], discriminator: dict | None = None) -> dict[str, Any]:
+    """A stage's final state from ``work`` if it finished before, else from a TorchTrainer run."""
+    name = STAGE_NAMES[stage]
+    scfg = cfg.stage1 if stage == 1 else cfg.stage2
+    sdir = work / name
+    fp = stage_fingerprint(cfg, stage)
+    d_sha = _state_digest(discriminator) if discriminator is not None else None
+    try:
+        pointer = read_pointer(sdir)
+    except CheckpointError:
+        pointer = None
+    if pointer and pointer.get("fingerprint") == fp and pointer.get("discriminator") == d_sha \
+            and int(pointer["epoch"]) == scfg.epochs:
+        state, meta = load_checkpoint(sdir)
+        log(f"{name}: finished before ({scfg.epochs} epochs), reused")
+        return {"state": state, "history": meta.get("history", []), "seconds": 0.0, "reused": True}
+    report_progress(board, category, stage=name, epoch=0, epochs=scfg.epochs)
+    res = run_stage(cfg, stage, category, store, n, spec, storage, discriminator_state=discriminator, progress=board,
+                    salt=d_sha)
+    save_checkpoint(sdir, res.state, {"stage": name, "fingerprint": fp, "discriminator": d_sha,
+                                      "history": res.history, "run": res.run_name})
+    log(f"{name}: {len(res.history)} epochs in {res.seconds:.1f}s on {res.workers} workers"
+        + (f" (resumed after epoch {max(res.attempts_resumed)})" if max(res.attempts_resumed, default=0) else ""))
+    return {"state": res.state, "history": res.history, "seconds": res.seconds, "reused": False,
+            "resumed_from": res.attempts_resumed}
+
+
+def _state_digest(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _remote_reconpatch(cfg: Config, storage: str, category: str) -> Callable[..., torch.nn.Module]:
+    """``train_adapter`` for ``finish_fit``: ReConPatch's training as one Ray task."""
+    import ray
+
+    def train(cfg_: Config, patches: torch.Tensor, workdir: Path, **_: Any) -> torch.nn.Module:
+        from ..models.reconpatch import PatchAdapter
+
+        task = ray.remote(num_cpus=cfg.distributed.driver_cpus, num_gpus=1 if use_gpu(cfg) else 0,
+                          max_retries=cfg.distributed.max_failures)(_reconpatch_task)
+        ckdir = str(Path(storage) / f"{category}-reconpatch")  # shared storage: the task may run elsewhere
+        sd = ray.get(task.remote(cfg_.to_dict(), ray.put(patches.numpy()), ckdir))
+        return PatchAdapter.from_state_dict(sd)
+
+    return train
+
+
+def _reconpatch_task(cfg: dict, patches: np.ndarray, workdir: str) -> dict[str, torch.Tensor]:
+    from ..config import from_dict
+    from ..train.reconpatch import train_reconpatch
+
+    adapter = train_reconpatch(from_dict(Config, cfg), torch.from_numpy(np.array(patches)), workdir, resume=True,
+                               progress=False, log=None)
+    return {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+
+
+def _bank(cfg: Config, out: Path, category: str, data_root: str | Path, paths: list[Path], weights: str,
+          files: dict[str, str], timings: dict[str, float], t_start: float, storage: str,
+          log: Callable[[str], None]) -> dict[str, Any]:
+    """Features through Ray Data, then ``pipeline.finish_fit`` exactly as ``tocoad fit``."""
+    from ..models.backbone import resolve_device
+    from ..pipeline import finish_fit
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())
+    t = time.perf_counter()
+    patches, grid = extract_features(paths, cfg, weights, cfg.distributed.feature_actors, use_gpu(cfg),
+                                     cfg.distributed.driver_cpus)
+    timings["features_s"] = time.perf_counter() - t
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        extractor = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, weights)
+    preprocess = Preprocess(cfg.data, extractor.mean, extractor.std)
+    return finish_fit(cfg, out, category, data_root, extractor, preprocess, patches, grid, len(paths), files=files,
+                      timings=timings, t_start=t_start, device=resolve_device("cpu"), progress=False, log=log,
+                      train_adapter=_remote_reconpatch(cfg, storage, category) if cfg.method == "reconpatch" else None)
+
+
+def _evaluate(art: Path, data_root: str | Path, category: str, cfg: Config) -> dict[str, Any]:
+    from ..pipeline import evaluate
+
+    res = evaluate(art, data_root, category, layout=cfg.data.layout, progress=False)
+    res.pop("_arrays", None)
+    return res
+
+
+def train_category(cfg: Config, data_root: str | Path, category: str, out: str | Path, storage_path: str | Path,
+                   board: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train, build and evaluate one category; returns (and writes to work/<category>/result.json)
+    its metrics, the baseline's, per-stage times and per-epoch histories."""
+    out, storage = Path(out), str(storage_path)
+    work, art, base = out / "work" / category, out / "artifacts" / category, out / "baseline" / category
+    work.mkdir(parents=True, exist_ok=True)
+    messages: list[str] = []
+
+    def say(msg: str) -> None:
+        messages.append(msg)
+        (log or (lambda m: None))(f"[{category}] {msg}")
+        report_progress(board, category, message=msg)
+
+    prior = finished_result(out, cfg, data_root, category)
+    if prior is not None:
+        say("finished in an earlier run with this configuration: skipped")
+        report_progress(board, category, stage="done (earlier run)")
+        return {**prior, "skipped": True}
+
+    torch.set_num_threads(max(1, int(round(cfg.distributed.driver_cpus))))
+    t0 = time.perf_counter()
+    split = load_split(data_root, category, cfg.data.layout)
+    if not split.train:
+        raise DataError(f"no training images for {category!r} under {data_root}")
+    if not split.test:
+        raise DataError(f"no test images for {category!r} under {data_root}")
+    paths = [s.path for s in split.train]
+    timings: dict[str, float] = {}
+    files: dict[str, str] = {}
+    histories: dict[str, list] = {}
+    resumed: dict[str, list] = {}
+    weights = cfg.backbone.weights
+
+    if cfg.method == "tocoad":
+        report_progress(board, category, stage="decode")
+        t = time.perf_counter()
+        mean, std = _mean_std(cfg)
+        store = image_store(decode_images(paths, cfg, mean, std, cfg.distributed.data_cpus), len(paths))
+        timings["decode_s"] = time.perf_counter() - t
+        discriminator = None
+        if cfg.stage1.enabled:
+            r1 = _stage(cfg, 1, category, work, store, len(paths), SampleSpec.build(cfg, 1, mean, std), storage, board,
+                        say)
+            discriminator = r1["state"]["model"]
+            histories["stage1"], timings["stage1_s"] = r1["history"], r1["seconds"]
+            resumed["stage1"] = r1.get("resumed_from", [])
+        if cfg.stage2.enabled:
+            spec2 = SampleSpec.build(cfg, 2, mean, std, with_generator=discriminator is not None)
+            r2 = _stage(cfg, 2, category, work, store, len(paths), spec2, storage, board, say, discriminator)
+            body = {k[2:]: v for k, v in r2["state"]["model"].items() if k.startswith("F.")}
+            histories["stage2"], timings["stage2_s"] = r2["history"], r2["seconds"]
+            resumed["stage2"] = r2.get("resumed_from", [])
+        else:  # stage I only: F stays the pretrained one
+            body = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg)).body.state_dict()
+        art.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(art / "backbone.safetensors", {k: v.detach().cpu().contiguous() for k, v in body.items()})
+        files["backbone.safetensors"] = ""
+        weights = str(art / "backbone.safetensors")
+        timings["train_s"] = time.perf_counter() - t0
+        art.joinpath("train").mkdir(exist_ok=True)
+        lines = [json.dumps(h) for stage in ("stage1", "stage2") for h in histories.get(stage, [])]
+        atomic_write_bytes(art / "train" / "train_log.jsonl", ("\n".join(lines) + "\n").encode())
+
+    report_progress(board, category, stage="bank")
+    meta = _bank(cfg, art, category, data_root, paths, weights, files, timings, t0, storage, say)
+    report_progress(board, category, stage="evaluate")
+    t = time.perf_counter()
+    metrics = _evaluate(art, data_root, category, cfg)
+    timings["evaluate_s"] = time.perf_counter() - t
+
+    baseline = None
+    if cfg.method != "patchcore" and cfg.distributed.baseline:
+        report_progress(board, category, stage="baseline")
+        t = time.perf_counter()
+        cfg_b = replace(cfg, method="patchcore")
+        _bank(cfg_b, base, category, data_root, paths, cfg.backbone.weights, {}, {}, t, storage, say)
+        baseline = _evaluate(base, data_root, category, cfg_b)
+        timings["baseline_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    result = {
+        "category": category, "status": "ok", "method": cfg.method, "fingerprint": category_fingerprint(cfg, data_root, category),
+        "metrics": metrics, "baseline": baseline, "timings": {**meta["timings"], **timings},
+        "workers": cfg.distributed.num_workers, "histories": histories, "resumed_from": resumed,
+        "artifact": str(art), "baseline_artifact": str(base) if baseline is not None else None,
+        "n_train": len(paths), "n_test": metrics.get("n_test"), "messages": messages,
+    }
+    atomic_write_bytes(work / RESULT, json.dumps(result, indent=2, default=float).encode())
+    report_progress(board, category, stage="done")
+    return result
+
+
+def train_category_safe(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``train_category``, with a failure returned as {"status": "failed", "error"} (full traceback
+    in work/<category>/error.txt) so the other categories of the run carry on."""
+    category = args[2] if len(args) > 2 else kwargs["category"]
+    out = Path(args[3] if len(args) > 3 else kwargs["out"])
+    try:
+        return train_category(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported per category, never hides the error
+        err = _root_message(e)
+        work = out / "work" / category
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(work / "error.txt", traceback.format_exc().encode())
+        board = kwargs.get("board") or (args[5] if len(args) > 5 else None)
+        report_progress(board, category, stage="failed", message=err)
+        return {"category": category, "status": "failed", "error": err, "traceback": str(work / "error.txt")}
+
+
+def _root_message(e: BaseException) -> str:
+    """The user-facing cause: a Ray task error's inner exception, not the Ray wrapper."""
+    cause = getattr(e, "cause", None)
+    while cause is not None and getattr(cause, "cause", None) is not None and cause is not cause.cause:
+        cause = cause.cause
+    inner = cause if isinstance(cause, BaseException) else e
+    msg = str(inner).strip().splitlines()
+    first = next((m for m in msg if m and not m.startswith(("ray::", "Traceback"))), type(inner).__name__)
+    return f"{type(inner).__name__}: {first}"

@@ -1,0 +1,197 @@
+"""Stage I and stage II as Ray Train ``TorchTrainer`` runs.
+
+``stage_loop`` runs on every worker: it builds the library's ``Stage1Trainer`` (D over frozen F)
+or ``Stage2Trainer`` (F + C with frozen D), wraps the trainable part with
+``ray.train.torch.prepare_model`` (DDP: gloo on CPU, nccl on GPU; nothing to wrap with one
+worker), resumes from ``ray.train.get_checkpoint()``, and per epoch trains on its shard of the
+Ray Data pipeline (``samples.epoch_dataset`` read with ``iter_torch_batches``), then reports the
+epoch's metrics (mean over workers) and a checkpoint (rank 0, the library's checkpoint format).
+
+Batch and learning rate: the global batch is ``stage{1,2}.batch_size`` (the paper's) whatever the
+number of workers W; each worker takes batch / W rows of every step and DDP averages gradients, so
+a step's update is the single-process one up to BatchNorm statistics (per worker) and float
+summation order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, from_dict
+from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..train.common import build_extractor, fingerprint, seeded_init
+from .progress import report_progress
+from .samples import SampleSpec, configure_data_context, epoch_dataset, to_trainer_batch, worker_batch
+
+STAGE_NAMES = {1: "stage1", 2: "stage2"}
+HISTORY = "history.json"
+
+
+def build_stage_trainer(cfg: Config, stage: int, device: torch.device, discriminator_state: dict | None = None):
+    """The library's trainer for ``stage``, exactly as ``train_tocoad`` builds it."""
+    from ..train.stage1 import Stage1Trainer, build_discriminator
+    from ..train.stage2 import Stage2Trainer
+
+    extractor = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
+    if stage == 1:
+        return Stage1Trainer(cfg, extractor, device)
+    discriminator = None
+    if discriminator_state is not None:
+        discriminator = build_discriminator(cfg, extractor)
+        discriminator.load_state_dict(discriminator_state)
+    return Stage2Trainer(cfg, extractor, device, discriminator=discriminator)
+
+
+def stage_fingerprint(cfg: Config, stage: int) -> str:
+    """A checkpoint may only be resumed by the same configuration (epoch counts may grow)."""
+    from ..train.tocoad import _stage_fingerprint
+
+    return fingerprint(_stage_fingerprint(cfg, STAGE_NAMES[stage]))
+
+
+def run_name(cfg: Config, stage: int, category: str, salt: str | None = None) -> str:
+    """Ray Train run name: the same config and category find their checkpoints again; a changed
+    config (or, for stage II, another D: ``salt``) starts a fresh run instead of resuming a
+    foreign one."""
+    digest = hashlib.sha256((stage_fingerprint(cfg, stage) + (salt or "")).encode()).hexdigest()[:10]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in category)
+    return f"{safe}-{STAGE_NAMES[stage]}-{digest}"
+
+
+def _mean_over_workers(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1 or not torch.distributed.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in metrics.items() if k != "losses" and isinstance(v, (int, float, str, bool))}
+    out.update(metrics.get("losses", {}))
+    return out
+
+
+def stage_loop(config: dict[str, Any]) -> None:
+    """Per-worker training function of a stage (Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    stage = int(config["stage"])
+    cfg = from_dict(Config, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    configure_data_context()
+    name = STAGE_NAMES[stage]
+    scfg = cfg.stage1 if stage == 1 else cfg.stage2
+    trainer = build_stage_trainer(cfg, stage, device, config.get("discriminator"))
+    trainer.distribute(ray.train.torch.prepare_model)
+
+    fp = stage_fingerprint(cfg, stage)
+    history: list[dict[str, Any]] = []
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state, meta = load_checkpoint(Path(d), map_location=device)
+            if meta.get("fingerprint") != fp:
+                raise CheckpointError(f"{name}: checkpoint was written with another configuration; "
+                                      f"use another output folder or storage path")
+            trainer.load_state_dict(state)
+            history = json.loads((Path(d) / HISTORY).read_text())
+        resumed_from = trainer.epoch
+
+    n = int(config["n_images"])
+    _, steps, bw = worker_batch(n, scfg.batch_size, scfg.max_steps_per_epoch, world)
+    spec: SampleSpec = config["spec"]
+    for epoch in range(trainer.epoch, scfg.epochs):
+        ds = epoch_dataset(config["store"], n, spec, epoch, rank, world, config["data_cpus"])
+        batches = (to_trainer_batch(b) for b in ds.iter_torch_batches(batch_size=bw, drop_last=False))
+        m = trainer.train_epoch(batches, epoch)
+        if m["steps"] != steps:
+            raise RuntimeError(f"{name} epoch {epoch}: worker {rank} got {m['steps']} batches, expected {steps}")
+        m["losses"] = _mean_over_workers(m["losses"], world)
+        m.update(workers=world, images=steps * bw * world, resumed_from=resumed_from)
+        history.append(m)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(Path(tmp), trainer.state_dict(), {"stage": name, "epochs_planned": scfg.epochs,
+                                                                   "fingerprint": fp})
+                (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(_flat(m), checkpoint=ckpt)
+        if rank == 0:
+            report_progress(config.get("progress"), config.get("category", ""), stage=name, epoch=m["epoch"],
+                            epochs=scfg.epochs, loss=m["losses"].get("loss"), epoch_seconds=m["seconds"])
+
+
+@dataclass
+class StageResult:
+    """What a finished stage hands the driver: the trainer state (model weights first), the
+    per-epoch metrics, and how it ran."""
+
+    state: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+    workers: int
+    run_name: str
+    attempts_resumed: list[int] = field(default_factory=list)
+
+
+def use_gpu(cfg: Config) -> bool:
+    """``distributed.use_gpu``, or (None) whether the connected cluster has GPUs."""
+    import ray
+
+    if cfg.distributed.use_gpu is not None:
+        return cfg.distributed.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def scaling(cfg: Config) -> "Any":
+    from ray.train import ScalingConfig
+
+    d = cfg.distributed
+    gpu = use_gpu(cfg)
+    res = {"CPU": d.cpus_per_worker}
+    if gpu:
+        res["GPU"] = d.gpus_per_worker
+    return ScalingConfig(num_workers=d.num_workers, use_gpu=gpu, resources_per_worker=res)
+
+
+def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec: SampleSpec, storage_path: str,
+              discriminator_state: dict | None = None, progress: str | None = None, salt: str | None = None
+              ) -> StageResult:
+    """Fit one stage with a TorchTrainer; resumes the run of the same name in ``storage_path``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    name = run_name(cfg, stage, category, salt)
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        stage_loop,
+        train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "store": store, "n_images": n_images, "spec": spec,
+                           "discriminator": discriminator_state, "data_cpus": cfg.distributed.data_cpus,
+                           "progress": progress, "category": category},
+        scaling_config=scaling(cfg),
+        run_config=RunConfig(name=name, storage_path=str(storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{STAGE_NAMES[stage]} of {category!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state, _ = load_checkpoint(Path(d))
+        history = json.loads((Path(d) / HISTORY).read_text())
+    resumed = sorted({int(h.get("resumed_from", 0)) for h in history})
+    return StageResult(state, history, time.perf_counter() - t0, cfg.distributed.num_workers, name, resumed)
