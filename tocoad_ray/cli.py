@@ -1,4 +1,4 @@
-"""``tocoad`` command line: fit, evaluate, predict, run, synth (no cluster needed)."""
+"""``tocoad`` command line: fit, evaluate, predict, run, synth (no cluster needed); serve and train-all (Ray)."""
 from __future__ import annotations
 
 import argparse
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from serve.cli import add_serve_parser
     add_serve_parser(sub)
+
+    from jobs.train_all import add_parser as add_train_all_parser
+    add_train_all_parser(sub)
     return ap
 
 

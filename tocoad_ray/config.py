@@ -163,6 +163,7 @@ class DistributedConfig:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
     gpus_per_worker: float = 1.0
     data_cpus: float = 0.5  # CPUs per Ray Data task that makes G's samples / view pairs
+    data_tasks: int = 2  # such tasks at once per training worker (G runs beside the training step)
     feature_actors: int = 1  # actor pool size for the bank's feature extraction
     driver_cpus: float = 1.0  # per-category driver: coreset, statistics, evaluation
     max_failures: int = 2  # dead workers replaced, training resumed from the last checkpoint
@@ -178,6 +179,8 @@ class DistributedConfig:
                 raise ConfigError(f"distributed.{key} must be > 0, got {getattr(self, key)}")
         if self.gpus_per_worker < 0:
             raise ConfigError(f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        if self.data_tasks < 1:
+            raise ConfigError(f"distributed.data_tasks must be >= 1, got {self.data_tasks}")
         if self.feature_actors < 1:
             raise ConfigError(f"distributed.feature_actors must be >= 1, got {self.feature_actors}")
         if self.max_failures < -1:

@@ -195,7 +195,8 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         report_progress(board, category, stage="decode")
         t = time.perf_counter()
         mean, std = _mean_std(cfg)
-        store = image_store(decode_images(paths, cfg, mean, std, cfg.distributed.data_cpus), len(paths))
+        store = image_store(decode_images(paths, cfg, mean, std, cfg.distributed.data_cpus, cfg.distributed.data_tasks),
+                            len(paths))
         timings["decode_s"] = time.perf_counter() - t
         discriminator = None
         if cfg.stage1.enabled:

@@ -122,10 +122,13 @@ def worker_batch(n_images: int, batch_size: int, max_steps: int | None, world: i
     return b, steps, b // world
 
 
-def epoch_dataset(store, n_images: int, spec: SampleSpec, epoch: int, rank: int, world: int, data_cpus: float = 0.5):
+def epoch_dataset(store, n_images: int, spec: SampleSpec, epoch: int, rank: int, world: int, data_cpus: float = 0.5,
+                  data_tasks: int = 2):
     """Lazy Dataset of worker ``rank``'s rows for ``epoch``: for every step, its slice of the
-    global batch, in step order. Executes when iterated (``iter_torch_batches``)."""
+    global batch, in step order, made by up to ``data_tasks`` tasks at once (one step's slice per
+    task). Executes when iterated (``iter_torch_batches``)."""
     import ray
+    from ray.data import TaskPoolStrategy
 
     cfg = spec.cfg
     scfg = cfg.stage1 if spec.stage == 1 else cfg.stage2
@@ -134,7 +137,8 @@ def epoch_dataset(store, n_images: int, spec: SampleSpec, epoch: int, rank: int,
     mine = rows[:, rank * bw:(rank + 1) * bw].reshape(-1)
     items = [{"epoch": int(epoch), "row": int(r)} for r in mine]
     ds = ray.data.from_items(items, override_num_blocks=steps)
-    return ds.map_batches(make_rows, fn_kwargs={"spec": spec, "store": store}, batch_size=bw, num_cpus=data_cpus)
+    return ds.map_batches(make_rows, fn_kwargs={"spec": spec, "store": store}, batch_size=bw, num_cpus=data_cpus,
+                          compute=TaskPoolStrategy(size=data_tasks))
 
 
 def _decode(batch: dict[str, np.ndarray], data: dict, mean: list[float], std: list[float]) -> dict[str, Any]:
@@ -143,13 +147,14 @@ def _decode(batch: dict[str, np.ndarray], data: dict, mean: list[float], std: li
 
 
 def decode_images(paths: Sequence[str | Path], cfg: Config, mean: Sequence[float], std: Sequence[float],
-                  cpus: float = 1.0):
+                  cpus: float = 1.0, tasks: int = 2):
     """Materialised Dataset {"row", "image"}: every training image decoded and resized once."""
     import ray
+    from ray.data import TaskPoolStrategy
 
     ds = ray.data.from_items([{"row": i, "path": str(p)} for i, p in enumerate(paths)])
     return ds.map_batches(_decode, fn_kwargs={"data": asdict(cfg.data), "mean": list(mean), "std": list(std)},
-                          batch_size=16, num_cpus=cpus).materialize()
+                          batch_size=16, num_cpus=cpus, compute=TaskPoolStrategy(size=tasks)).materialize()
 
 
 def image_store(decoded, n_images: int):

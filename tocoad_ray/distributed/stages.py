@@ -114,7 +114,8 @@ def stage_loop(config: dict[str, Any]) -> None:
     _, steps, bw = worker_batch(n, scfg.batch_size, scfg.max_steps_per_epoch, world)
     spec: SampleSpec = config["spec"]
     for epoch in range(trainer.epoch, scfg.epochs):
-        ds = epoch_dataset(config["store"], n, spec, epoch, rank, world, config["data_cpus"])
+        ds = epoch_dataset(config["store"], n, spec, epoch, rank, world, cfg.distributed.data_cpus,
+                           cfg.distributed.data_tasks)
         batches = (to_trainer_batch(b) for b in ds.iter_torch_batches(batch_size=bw, drop_last=False))
         m = trainer.train_epoch(batches, epoch)
         if m["steps"] != steps:
@@ -180,7 +181,7 @@ def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec
     trainer = TorchTrainer(
         stage_loop,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "store": store, "n_images": n_images, "spec": spec,
-                           "discriminator": discriminator_state, "data_cpus": cfg.distributed.data_cpus,
+                           "discriminator": discriminator_state,
                            "progress": progress, "category": category},
         scaling_config=scaling(cfg),
         run_config=RunConfig(name=name, storage_path=str(storage_path),

@@ -1,0 +1,156 @@
+"""Training throughput: ToCoAD stage I and stage II through the Ray pipeline (Ray Data samples →
+TorchTrainer, 1 and 2 DDP workers) versus the plain single-process loop (``train_tocoad``), same
+machine, same settings, one run; then ``train-all`` wall time for several categories one at a time
+versus concurrently.
+
+Images/second counts training rows (stage I: G's samples; stage II: normal images, each giving M
+views and a G sample) per second of steady-state epochs: the first epoch of every run is dropped
+(process start-up, imports, first Ray Data execution), the rest are summed. The Ray figures come
+from the workers' own epoch timers (data waiting included); TorchTrainer start-up is reported
+separately. One Ray worker gets all ``--threads`` torch threads, like the plain loop; two workers
+get half each.
+
+Usage: python bench/train_throughput.py [--data ../shared/data/mvtec_ad --category bottle]
+           [--epochs 3 --steps 2 --batch 16] [--skip-train-all] [--train-all-categories ...]
+Prints one JSON object per measurement and a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import torch  # noqa: E402
+
+from tocoad_ray.config import load_config  # noqa: E402
+from tocoad_ray.data import load_split  # noqa: E402
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def steady(history: list[dict], batch: int) -> dict:
+    rows = history[1:] or history
+    images = sum(h["steps"] * batch for h in rows)
+    seconds = sum(h["seconds"] for h in rows)
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3)}
+
+
+def plain(cfg, paths, workdir: Path) -> dict:
+    from tocoad_ray.train import train_tocoad
+
+    t = time.perf_counter()
+    train_tocoad(cfg, paths, workdir, device="cpu", progress=False, log=lambda m: None)
+    wall = time.perf_counter() - t
+    log = [json.loads(l) for l in (workdir / "train_log.jsonl").read_text().splitlines()]
+    return {"wall_s": round(wall, 1),
+            "stage1": steady([h for h in log if h["stage"] == "stage1"], cfg.stage1.batch_size),
+            "stage2": steady([h for h in log if h["stage"] == "stage2"], cfg.stage2.batch_size)}
+
+
+def ray_pipeline(cfg, paths, storage: Path) -> dict:
+    from tocoad_ray.distributed.samples import SampleSpec, decode_images, image_store
+    from tocoad_ray.distributed.stages import run_stage
+    from tocoad_ray.models.backbone import FeatureExtractor
+
+    ex = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, cfg.backbone.weights)
+    t = time.perf_counter()
+    store = image_store(decode_images(paths, cfg, ex.mean, ex.std, cfg.distributed.data_cpus), len(paths))
+    decode_s = time.perf_counter() - t
+    r1 = run_stage(cfg, 1, "bench", store, len(paths), SampleSpec.build(cfg, 1, ex.mean, ex.std), str(storage))
+    r2 = run_stage(cfg, 2, "bench", store, len(paths), SampleSpec.build(cfg, 2, ex.mean, ex.std), str(storage),
+                   discriminator_state=r1.state["model"])
+    out = {"decode_s": round(decode_s, 1)}
+    for name, r, b in (("stage1", r1, cfg.stage1.batch_size), ("stage2", r2, cfg.stage2.batch_size)):
+        s = steady(r.history, b)
+        s["fit_wall_s"] = round(r.seconds, 1)
+        s["startup_and_first_epoch_s"] = round(r.seconds - s["seconds"], 1)
+        out[name] = s
+    return out
+
+
+def train_all_wall(cats: list[tuple[str, str]], overrides: dict, concurrent: bool, tmp: Path) -> dict:
+    """``train-all`` over (data_root, category) pairs: one run with all at once, or one at a time."""
+    import ray
+
+    from jobs.train_all import run
+
+    cfg = load_config(None, {**overrides, "distributed.max_concurrent_categories": 0 if concurrent else 1})
+    # categories live under different roots: link them side by side under one root
+    root = tmp / "root"
+    root.mkdir(exist_ok=True)
+    for data, cat in cats:
+        if not (root / cat).exists():
+            (root / cat).symlink_to(Path(data).resolve() / cat)
+    out = tmp / ("concurrent" if concurrent else "sequential")
+    t = time.perf_counter()
+    rep = run(cfg, str(root), [c for _, c in cats], out, interval_s=30, echo=lambda m: None)
+    wall = time.perf_counter() - t
+    return {"mode": "concurrent" if concurrent else "one at a time", "wall_s": round(wall, 1),
+            "per_category_total_s": {c: round(r.get("timings", {}).get("total_s", float("nan")), 1)
+                                     for c, r in rep["categories"].items()},
+            "image_auroc": {c: r.get("metrics", {}).get("image_auroc") for c, r in rep["categories"].items()},
+            "status": {c: r["status"] for c, r in rep["categories"].items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(HERE.parent / "shared" / "data" / "mvtec_ad"))
+    ap.add_argument("--category", default="bottle")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-train-all", action="store_true")
+    ap.add_argument("--train-all-categories", default="mvtec_ad/bottle,mpdd/metal_plate,magnetic_tile/mt")
+    args = ap.parse_args()
+
+    import ray
+
+    torch.set_num_threads(args.threads)
+    ov = {"method": "tocoad", "stage1.epochs": args.epochs, "stage1.max_steps_per_epoch": args.steps,
+          "stage1.batch_size": args.batch, "stage2.epochs": args.epochs, "stage2.max_steps_per_epoch": args.steps,
+          "stage2.batch_size": args.batch, "distributed.data_tasks": 1}
+    cfg = load_config(None, ov)
+    paths = [s.path for s in load_split(args.data, args.category, "mvtec").train]
+    settings = {"category": args.category, "images": len(paths), "input_size": cfg.data.input_size,
+                "batch": args.batch, "epochs": args.epochs, "steps_per_epoch": args.steps, "threads": args.threads,
+                "backbone": cfg.backbone.name, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "torch": torch.__version__, "ray": ray.__version__}
+    print(json.dumps({"settings": settings}), flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="train_throughput_"))
+    try:
+        results = {"plain": plain(cfg, paths, tmp / "plain")}
+        print(json.dumps({"plain": results["plain"]}), flush=True)
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        for workers in (1, 2):
+            c = load_config(None, {**ov, "distributed.num_workers": workers,
+                                   "distributed.cpus_per_worker": args.threads / workers})
+            results[f"ray_{workers}"] = ray_pipeline(c, paths, tmp / f"ray{workers}")
+            print(json.dumps({f"ray_{workers}_workers": results[f"ray_{workers}"]}), flush=True)
+        summary = {f"{s}_ray{w}_vs_plain": round(results[f"ray_{w}"][s]["images_per_s"] / results["plain"][s]["images_per_s"], 3)
+                   for s in ("stage1", "stage2") for w in (1, 2)}
+        if not args.skip_train_all:
+            cats = [(str(HERE.parent / "shared" / "data" / c.split("/")[0]), c.split("/")[1])
+                    for c in args.train_all_categories.split(",")]
+            ta = {"method": "tocoad", "stage1.epochs": 1, "stage1.max_steps_per_epoch": 2, "stage2.epochs": 1,
+                  "stage2.max_steps_per_epoch": 1, "bank.coreset_ratio": 0.01, "distributed.num_workers": 2,
+                  "distributed.data_tasks": 1, "distributed.baseline": False}
+            for concurrent in (False, True):
+                r = train_all_wall(cats, ta, concurrent, tmp)
+                print(json.dumps({"train_all": r}), flush=True)
+                summary[f"train_all_{'concurrent' if concurrent else 'sequential'}_s"] = r["wall_s"]
+        print(json.dumps({"summary": summary}), flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Cluster jobs: ``train_all`` (every category on Ray Train)."""

@@ -1,0 +1,72 @@
+"""A local Ray instance for one test module (test_serve starts its own, so none lives across
+modules) and small real-data category trees for the distributed tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tocoad_ray.config import load_config
+
+from ._subset import mvtec_subset
+
+# tiny ToCoAD: 64 px, batch 4, 2 epochs of 1-2 steps per stage: seconds per step on 2 CPUs
+TINY = {
+    "method": "tocoad", "data.image_size": 64, "data.crop_size": None,
+    "stage1.epochs": 2, "stage1.batch_size": 4, "stage1.max_steps_per_epoch": 2,
+    "stage2.epochs": 2, "stage2.batch_size": 4, "stage2.max_steps_per_epoch": 1,
+    "bank.batch_size": 4, "distributed.cpus_per_worker": 0.5, "distributed.data_cpus": 0.5,
+}
+
+
+def tiny_cfg(**overrides):
+    return load_config(None, {**TINY, **overrides})
+
+
+def start_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=600 * 1024 * 1024, log_to_driver=False)
+    return ray
+
+
+def tiny_data(data_root: Path, dst: Path) -> Path:
+    """dst/{bottle,metal_plate}: 6 real training images and 4 test images (2 good, 2 defective, masks)."""
+    if not (dst / "bottle").exists():
+        mvtec_subset(data_root / "mvtec_ad" / "bottle", dst, 6, {"good": 2, "broken_large": 2})
+        mvtec_subset(data_root / "mpdd" / "metal_plate", dst, 6, {"good": 2, "defect": 2})
+    return dst
+
+
+def corrupt_category(root: Path, name: str = "broken") -> Path:
+    """A category whose training folder holds a truncated PNG (a clear error, not a crash)."""
+    good = root / name / "train" / "good"
+    good.mkdir(parents=True)
+    src = next((root / "bottle" / "train" / "good").iterdir()).resolve()
+    for i in range(3):
+        (good / f"{i:03d}.png").write_bytes(src.read_bytes()[: 2000 if i == 1 else None])
+    test = root / name / "test" / "good"
+    test.mkdir(parents=True)
+    (test / "000.png").write_bytes(src.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = start_ray()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(data_root, tmp_path_factory) -> Path:
+    return tiny_data(data_root, tmp_path_factory.mktemp("tiny"))
+
+
+def images_equal(a, b) -> bool:
+    return a.shape == b.shape and bool(np.array_equal(a, b))

@@ -1,0 +1,111 @@
+"""``tocoad train-all``: several real categories concurrently on a local Ray instance with two
+DDP workers each, a failing category reported while the others finish, the report's metrics equal
+to ``tocoad evaluate``, and a re-run that skips finished categories and resumes interrupted ones."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.train_all import config_from_args, discover_categories, run
+from tocoad_ray.cli import build_parser
+from tocoad_ray.cli import main as cli_main
+from tocoad_ray.config import ConfigError
+
+from .ray_fixtures import TINY, corrupt_category, ray_local, tiny_cfg, tiny_data  # noqa: F401 - fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_main_job_defaults_parse():
+    args = build_parser().parse_args(["train-all"])
+    cfg = config_from_args(args)
+    assert cfg.method == "tocoad" and cfg.data.layout == "elpv" and cfg.distributed.num_workers == 2
+    assert cfg.stage1.enabled and cfg.stage2.enabled
+    assert discover_categories("-", "elpv") == ["mono", "poly"]
+    with pytest.raises(ConfigError, match="distributed.num_workers"):
+        config_from_args(build_parser().parse_args(["train-all", "--set", "distributed.num_workers=0"]))
+
+
+def test_train_all_concurrent_categories_report_and_rerun(ray_local, data_root, tmp_path, capsys):  # noqa: F811
+    root = corrupt_category(tiny_data(data_root, tmp_path / "data"))
+    cfg = tiny_cfg(**{"distributed.num_workers": 2})
+    out = tmp_path / "run"
+    lines: list[str] = []
+    report = run(cfg, str(root), ["bottle", "metal_plate", "broken"], out, interval_s=2, echo=lines.append)
+    cats = report["categories"]
+    assert cats["broken"]["status"] == "failed" and "broken/train/good/001.png" in cats["broken"]["error"]
+    for cat in ("bottle", "metal_plate"):
+        r = cats[cat]
+        assert r["status"] == "ok", r
+        assert r["workers"] == 2 and len(r["histories"]["stage1"]) == 2 and len(r["histories"]["stage2"]) == 2
+        assert r["histories"]["stage1"][0]["workers"] == 2
+        assert r["baseline"]["method"] == "patchcore"
+        # the report's metrics are exactly what `tocoad evaluate` gives for the same artifact
+        ev = tmp_path / f"{cat}.json"
+        assert cli_main(["evaluate", "--artifact", str(out / "artifacts" / cat), "--data", str(root), "--category", cat,
+                         "--json", str(ev), "--quiet"]) == 0
+        got = json.loads(ev.read_text())
+        for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold"):
+            assert got[k] == r["metrics"][k], (cat, k)
+        assert (out / "work" / cat / "losses.png").stat().st_size > 1000
+    # both categories ran at the same time: their stage-I runs overlap in time
+    assert any("bottle: stage1" in l for l in lines) and any("metal_plate: stage1" in l for l in lines)
+    md = (out / "report.md").read_text()
+    assert "patchcore (frozen F, same run)" in md and "| broken | **failed** |" in md
+    assert json.loads((out / "report.json").read_text())["config"]["distributed"]["num_workers"] == 2
+
+    # the same command again: finished categories are skipped, not retrained
+    t = time.perf_counter()
+    again = run(cfg, str(root), ["bottle", "metal_plate"], out, interval_s=1, echo=lambda m: None)
+    assert all(again["categories"][c].get("skipped") for c in ("bottle", "metal_plate"))
+    assert again["categories"]["bottle"]["metrics"] == cats["bottle"]["metrics"]
+    assert time.perf_counter() - t < 60
+
+
+def test_interrupted_train_all_resumes(ray_local, data_root, tmp_path):  # noqa: F811
+    """Kill the job (SIGKILL) once the first category is done and the second has a stage-I
+    checkpoint; the same command then skips the first and resumes the second's checkpoint."""
+    import ray
+
+    root = tiny_data(data_root, tmp_path / "data")
+    out = tmp_path / "run"
+    sets = [f"{k}={json.dumps(v) if v is not None else 'null'}" for k, v in TINY.items()]
+    sets += ["stage1.epochs=6", "stage1.max_steps_per_epoch=1", "distributed.max_concurrent_categories=1",
+             "distributed.num_workers=1"]
+    cmd = [sys.executable, "-m", "jobs.train_all", "--data", str(root), "--categories", "bottle,metal_plate",
+           "--out", str(out), "--interval", "1", "--address", ray.get_runtime_context().gcs_address]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            first_done = (out / "work" / "bottle" / "result.json").is_file()
+            second_ckpt = list((out / "ray").glob("metal_plate-stage1-*/checkpoint_*/latest.json"))
+            if first_done and second_ckpt:
+                break
+            assert proc.poll() is None, "train-all ended before it could be interrupted"
+            time.sleep(0.2)
+        else:
+            pytest.fail("train-all never reached the point to interrupt")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    first = json.loads((out / "work" / "bottle" / "result.json").read_text())
+    assert not (out / "work" / "metal_plate" / "result.json").exists()
+
+    args = build_parser().parse_args(["train-all", "--data", str(root), "--out", str(out), "--categories",
+                                      "bottle,metal_plate"] + [a for s in sets for a in ("--set", s)])
+    report = run(config_from_args(args), str(root), ["bottle", "metal_plate"], out, interval_s=1, echo=lambda m: None)
+    b, m = report["categories"]["bottle"], report["categories"]["metal_plate"]
+    assert b.get("skipped") and b["metrics"] == first["metrics"]
+    assert m["status"] == "ok" and len(m["histories"]["stage1"]) == 6
+    assert max(m["resumed_from"]["stage1"]) >= 1, "the interrupted category restarted stage I from scratch"
