@@ -268,12 +268,35 @@ def train_category_safe(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return {"category": category, "status": "failed", "error": err, "traceback": str(work / "error.txt")}
 
 
+def _chain(e: BaseException):
+    """``e`` and every exception behind it (Ray's ``.cause`` and Python's ``__cause__``/``__context__``)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+
+
 def _root_message(e: BaseException) -> str:
-    """The user-facing cause: a Ray task error's inner exception, not the Ray wrapper."""
-    cause = getattr(e, "cause", None)
-    while cause is not None and getattr(cause, "cause", None) is not None and cause is not cause.cause:
-        cause = cause.cause
-    inner = cause if isinstance(cause, BaseException) else e
-    msg = str(inner).strip().splitlines()
-    first = next((m for m in msg if m and not m.startswith(("ray::", "Traceback"))), type(inner).__name__)
-    return f"{type(inner).__name__}: {first}"
+    """The user-facing cause: our own error (it names the file) rather than Ray's wrappers
+    (task errors, Ray Data's "UDF failed") or a library's low-level error behind it."""
+    import re
+
+    chain = [x for x in _chain(e) if isinstance(x, BaseException)]
+    # a remote error arrives as text: its traceback names our exception and message
+    for x in chain:
+        hit = re.search(r"^tocoad_ray[\w.]*\.(\w+(?:Error|Exception)): (.+)$", str(x), re.M)
+        if hit:
+            return f"{hit.group(1)}: {hit.group(2).strip()}"
+
+    def plain(x: BaseException) -> bool:
+        return (not type(x).__module__.startswith("ray") and not type(x).__name__.startswith("RayTaskError")
+                and not isinstance(x, (StopIteration, GeneratorExit)))
+
+    ours = [x for x in chain if plain(x) and type(x).__module__.startswith("tocoad_ray")]
+    inner = (ours or [x for x in chain if plain(x)] or [e])[0]
+    lines = [m for m in str(inner).strip().splitlines() if m and not m.startswith(("ray::", "Traceback"))]
+    return f"{type(inner).__name__}: {lines[0] if lines else ''}".rstrip(": ")
