@@ -56,7 +56,14 @@ def corrupt_category(root: Path, name: str = "broken") -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = start_ray()
+    """Module-scoped: the Serve tests start their own instance later in the session (these modules
+    are named test_distributed_* so they run first)."""
+    import ray
+
+    if ray.is_initialized():  # another fixture's instance: use it, leave it to its owner
+        yield ray
+        return
+    start_ray()
     try:
         yield ray
     finally:

@@ -123,3 +123,16 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_loca
     assert max(crashed.attempts_resumed) >= 1, "the replacement workers did not resume from a checkpoint"
     for k, v in straight.state["model"].items():
         assert torch.equal(v, crashed.state["model"][k]), f"{k}: resumed run ended elsewhere than the straight run"
+
+
+@pytest.mark.parametrize("method", ["patchcore", "reconpatch"])
+def test_patchcore_and_reconpatch_go_through_the_same_driver(ray_local, tiny_root, tmp_path, method):  # noqa: F811
+    cfg = tiny_cfg(method=method, **{"reconpatch.epochs": 1, "reconpatch.batch_size": 64})
+    res = train_category(cfg, tiny_root, "metal_plate", tmp_path / "run", tmp_path / "run" / "ray")
+    assert res["status"] == "ok" and res["metrics"]["method"] == method
+    art = Path(res["artifact"])
+    assert (art / "adapter.safetensors").is_file() == (method == "reconpatch")
+    assert not (art / "backbone.safetensors").exists() and "stage1" not in res["histories"]
+    assert (res["baseline"] is None) == (method == "patchcore")
+    meta = json.loads((art / "meta.json").read_text())
+    assert meta["n_train_images"] == 6 and meta["bank_size"] > 0
