@@ -7,8 +7,9 @@ Images/second counts training rows (stage I: G's samples; stage II: normal image
 views and a G sample) per second of steady-state epochs: the first epoch of every run is dropped
 (process start-up, imports, first Ray Data execution), the rest are summed. The Ray figures come
 from the workers' own epoch timers (data waiting included); TorchTrainer start-up is reported
-separately. One Ray worker gets all ``--threads`` torch threads, like the plain loop; two workers
-get half each.
+separately. Ray runs: one worker with all ``--threads`` torch threads (like the plain loop), one
+worker with one thread less (the Ray Data task that makes the samples gets that core), and two
+workers with half each.
 
 Usage: python bench/train_throughput.py [--data ../shared/data/mvtec_ad --category bottle]
            [--epochs 3 --steps 2 --batch 16] [--skip-train-all] [--train-all-categories ...]
@@ -129,13 +130,16 @@ def main() -> None:
         results = {"plain": plain(cfg, paths, tmp / "plain")}
         print(json.dumps({"plain": results["plain"]}), flush=True)
         ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-        for workers in (1, 2):
-            c = load_config(None, {**ov, "distributed.num_workers": workers,
-                                   "distributed.cpus_per_worker": args.threads / workers})
-            results[f"ray_{workers}"] = ray_pipeline(c, paths, tmp / f"ray{workers}")
-            print(json.dumps({f"ray_{workers}_workers": results[f"ray_{workers}"]}), flush=True)
-        summary = {f"{s}_ray{w}_vs_plain": round(results[f"ray_{w}"][s]["images_per_s"] / results["plain"][s]["images_per_s"], 3)
-                   for s in ("stage1", "stage2") for w in (1, 2)}
+        # (workers, torch threads per worker): one worker with all threads like the plain loop, one
+        # worker leaving a core to the Ray Data task that makes the samples, two workers
+        runs = [(1, args.threads), (1, max(1, args.threads - 1)), (2, max(1, args.threads // 2))]
+        for workers, threads in dict.fromkeys(runs):
+            c = load_config(None, {**ov, "distributed.num_workers": workers, "distributed.cpus_per_worker": threads})
+            key = f"ray_{workers}w_{threads}t"
+            results[key] = ray_pipeline(c, paths, tmp / key)
+            print(json.dumps({key: results[key]}), flush=True)
+        summary = {f"{s}_{k}_vs_plain": round(results[k][s]["images_per_s"] / results["plain"][s]["images_per_s"], 3)
+                   for s in ("stage1", "stage2") for k in results if k != "plain"}
         if not args.skip_train_all:
             cats = [(str(HERE.parent / "shared" / "data" / c.split("/")[0]), c.split("/")[1])
                     for c in args.train_all_categories.split(",")]

@@ -32,9 +32,9 @@ def setup(ray_local, tiny_root):  # noqa: F811
     return {"cfg": cfg, "paths": paths, "mean": ex.mean, "std": ex.std, "store": store, "root": tiny_root}
 
 
-def _ray_batches(s, stage, epoch, world=1, rank=0, with_generator=True):
+def _ray_batches(s, stage, epoch, world=1, rank=0, with_generator=True, epochs=1):
     spec = SampleSpec.build(s["cfg"], stage, s["mean"], s["std"], with_generator)
-    ds = epoch_dataset(s["store"], len(s["paths"]), spec, epoch, rank, world)
+    ds = epoch_dataset(s["store"], len(s["paths"]), spec, epoch, rank, world, epochs=epochs)
     bw = 4 // world
     return [to_trainer_batch(b) for b in ds.iter_torch_batches(batch_size=bw)]
 
@@ -81,6 +81,10 @@ def test_two_workers_split_each_global_batch(setup):
 def test_epochs_differ_and_a_seed_reproduces(setup):
     e0, e0_again, e1 = (_ray_batches(setup, 1, e)[0] for e in (0, 0, 1))
     _same(e0, e0_again)
+    both = _ray_batches(setup, 1, 0, epochs=2)  # one stream over two epochs, as a worker reads it
+    assert len(both) == 2
+    _same(both[0], e0)
+    _same(both[1], e1)
     assert not torch.equal(e0["image"], e1["image"]), "two epochs made the same synthetic samples"
     other_seed = dict(setup, cfg=tiny_cfg(seed=1, **{"stage1.max_steps_per_epoch": 1}))
     assert not torch.equal(_ray_batches(other_seed, 1, 0)[0]["image"], e0["image"])

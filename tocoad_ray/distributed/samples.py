@@ -3,8 +3,8 @@
 1. ``decode_images``: the category's training images decoded and resized once (``prepare_images``,
    the same geometry as the single-process trainer), materialised, then put in the object store in
    row order (``ImageStore``) so every sample task reads them zero-copy.
-2. ``epoch_dataset``: per epoch and per worker, that worker's slice of every step of the epoch
-   (``epoch_rows``: the same seeded permutation the single-process loop uses) mapped by
+2. ``epoch_dataset``: per worker, that worker's slice of every step of the epochs it still has
+   to train (``epoch_rows``: the same seeded permutation the single-process loop uses), mapped by
    ``map_batches`` into training rows: stage I (G(I), y_G); stage II M augmented views of I plus
    G's sample and its mask. Each row's randomness is ``row_rng(seed, stage, epoch, row)``, never
    an RNG kept in a process, so every epoch sees new samples, any worker count and any restart
@@ -123,20 +123,23 @@ def worker_batch(n_images: int, batch_size: int, max_steps: int | None, world: i
 
 
 def epoch_dataset(store, n_images: int, spec: SampleSpec, epoch: int, rank: int, world: int, data_cpus: float = 0.5,
-                  data_tasks: int = 2):
-    """Lazy Dataset of worker ``rank``'s rows for ``epoch``: for every step, its slice of the
-    global batch, in step order, made by up to ``data_tasks`` tasks at once (one step's slice per
-    task). Executes when iterated (``iter_torch_batches``)."""
+                  data_tasks: int = 2, epochs: int = 1):
+    """Lazy Dataset of worker ``rank``'s rows for epochs ``epoch`` … ``epoch + epochs - 1``: for
+    every step of every epoch, its slice of the global batch, in order. One dataset streams all the
+    epochs a worker still has to train (after a restart: from its checkpoint's epoch), so G's tasks
+    run ahead across epoch boundaries instead of starting a pipeline per epoch. Up to
+    ``data_tasks`` tasks at once, one step's slice each. Executes when iterated."""
     import ray
     from ray.data import TaskPoolStrategy
 
     cfg = spec.cfg
     scfg = cfg.stage1 if spec.stage == 1 else cfg.stage2
     b, steps, bw = worker_batch(n_images, scfg.batch_size, scfg.max_steps_per_epoch, world)
-    rows = epoch_rows(n_images, scfg.batch_size, scfg.max_steps_per_epoch, cfg.seed, spec.stage, epoch)
-    mine = rows[:, rank * bw:(rank + 1) * bw].reshape(-1)
-    items = [{"epoch": int(epoch), "row": int(r)} for r in mine]
-    ds = ray.data.from_items(items, override_num_blocks=steps)
+    items = []
+    for e in range(epoch, epoch + epochs):
+        rows = epoch_rows(n_images, scfg.batch_size, scfg.max_steps_per_epoch, cfg.seed, spec.stage, e)
+        items += [{"epoch": int(e), "row": int(r)} for r in rows[:, rank * bw:(rank + 1) * bw].reshape(-1)]
+    ds = ray.data.from_items(items, override_num_blocks=steps * epochs)
     return ds.map_batches(make_rows, fn_kwargs={"spec": spec, "store": store}, batch_size=bw, num_cpus=data_cpus,
                           compute=TaskPoolStrategy(size=data_tasks))
 

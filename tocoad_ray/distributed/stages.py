@@ -3,9 +3,9 @@
 ``stage_loop`` runs on every worker: it builds the library's ``Stage1Trainer`` (D over frozen F)
 or ``Stage2Trainer`` (F + C with frozen D), wraps the trainable part with
 ``ray.train.torch.prepare_model`` (DDP: gloo on CPU, nccl on GPU; nothing to wrap with one
-worker), resumes from ``ray.train.get_checkpoint()``, and per epoch trains on its shard of the
-Ray Data pipeline (``samples.epoch_dataset`` read with ``iter_torch_batches``), then reports the
-epoch's metrics (mean over workers) and a checkpoint (rank 0, the library's checkpoint format).
+worker), resumes from ``ray.train.get_checkpoint()``, and trains on its shard of the Ray Data pipeline
+(``samples.epoch_dataset``: every epoch it still has to train, read with ``iter_torch_batches``,
+``steps`` batches per epoch); after each epoch it reports the epoch's metrics (mean over workers) and a checkpoint (rank 0, the library's checkpoint format).
 
 Batch and learning rate: the global batch is ``stage{1,2}.batch_size`` (the paper's) whatever the
 number of workers W; each worker takes batch / W rows of every step and DDP averages gradients, so
@@ -15,6 +15,7 @@ summation order.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tempfile
 import time
@@ -113,10 +114,13 @@ def stage_loop(config: dict[str, Any]) -> None:
     n = int(config["n_images"])
     _, steps, bw = worker_batch(n, scfg.batch_size, scfg.max_steps_per_epoch, world)
     spec: SampleSpec = config["spec"]
+    remaining = scfg.epochs - trainer.epoch
+    if remaining > 0:
+        ds = epoch_dataset(config["store"], n, spec, trainer.epoch, rank, world, cfg.distributed.data_cpus,
+                           cfg.distributed.data_tasks, epochs=remaining)
+        stream = iter(ds.iter_torch_batches(batch_size=bw, drop_last=False))
     for epoch in range(trainer.epoch, scfg.epochs):
-        ds = epoch_dataset(config["store"], n, spec, epoch, rank, world, cfg.distributed.data_cpus,
-                           cfg.distributed.data_tasks)
-        batches = (to_trainer_batch(b) for b in ds.iter_torch_batches(batch_size=bw, drop_last=False))
+        batches = (to_trainer_batch(b) for b in itertools.islice(stream, steps))
         m = trainer.train_epoch(batches, epoch)
         if m["steps"] != steps:
             raise RuntimeError(f"{name} epoch {epoch}: worker {rank} got {m['steps']} batches, expected {steps}")
