@@ -129,6 +129,12 @@ def main() -> None:
     try:
         results = {"plain": plain(cfg, paths, tmp / "plain")}
         print(json.dumps({"plain": results["plain"]}), flush=True)
+        # the same loop with the allocator setting the Ray workers use (process-wide, so last)
+        from tocoad_ray.distributed.allocator import keep_freed_memory
+
+        keep_freed_memory()
+        results["plain_keep_freed_memory"] = plain(cfg, paths, tmp / "plain_tuned")
+        print(json.dumps({"plain_keep_freed_memory": results["plain_keep_freed_memory"]}), flush=True)
         ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
         # (workers, torch threads per worker): one worker with all threads like the plain loop, one
         # worker leaving a core to the Ray Data task that makes the samples, two workers
@@ -139,7 +145,7 @@ def main() -> None:
             results[key] = ray_pipeline(c, paths, tmp / key)
             print(json.dumps({key: results[key]}), flush=True)
         summary = {f"{s}_{k}_vs_plain": round(results[k][s]["images_per_s"] / results["plain"][s]["images_per_s"], 3)
-                   for s in ("stage1", "stage2") for k in results if k != "plain"}
+                   for s in ("stage1", "stage2") for k in results if k.startswith("ray")}
         if not args.skip_train_all:
             cats = [(str(HERE.parent / "shared" / "data" / c.split("/")[0]), c.split("/")[1])
                     for c in args.train_all_categories.split(",")]

@@ -28,6 +28,7 @@ import torch
 from ..config import Config, from_dict
 from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..train.common import build_extractor, fingerprint, seeded_init
+from .allocator import keep_freed_memory
 from .progress import report_progress
 from .samples import SampleSpec, configure_data_context, epoch_dataset, to_trainer_batch, worker_batch
 
@@ -86,6 +87,7 @@ def stage_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    keep_freed_memory()  # the loop runs in a non-main thread: see allocator.py
     stage = int(config["stage"])
     cfg = from_dict(Config, config["cfg"])
     ctx = ray.train.get_context()
