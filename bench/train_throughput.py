@@ -97,7 +97,8 @@ def train_all_wall(cats: list[tuple[str, str]], overrides: dict, concurrent: boo
             "per_category_total_s": {c: round(r.get("timings", {}).get("total_s", float("nan")), 1)
                                      for c, r in rep["categories"].items()},
             "image_auroc": {c: r.get("metrics", {}).get("image_auroc") for c, r in rep["categories"].items()},
-            "status": {c: r["status"] for c, r in rep["categories"].items()}}
+            "status": {c: r["status"] for c, r in rep["categories"].items()},
+            "errors": {c: r["error"] for c, r in rep["categories"].items() if r["status"] != "ok"}}
 
 
 def main() -> None:

@@ -108,7 +108,13 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
     t0 = time.perf_counter()
     board_name = f"tocoad-progress-{uuid.uuid4().hex[:8]}"
     board = start_board(board_name)
+    mem = int(cfg.distributed.category_memory_gb * 2**30)
     task = ray.remote(num_cpus=cfg.distributed.driver_cpus, max_retries=0)(train_category_safe)
+    if mem:
+        if mem > ray.cluster_resources().get("memory", 0):
+            raise ConfigError(f"distributed.category_memory_gb={cfg.distributed.category_memory_gb} is more than the "
+                              f"cluster's {ray.cluster_resources().get('memory', 0) / 2**30:.1f} GiB of memory")
+        task = task.options(memory=mem)  # admission control: categories wait for memory, not OOM
     echo(f"train-all: {len(categories)} categories ({', '.join(categories)}) on Ray ({where}, "
          f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs), "
          f"method {cfg.method}, {cfg.distributed.num_workers} workers per stage; output {out}")

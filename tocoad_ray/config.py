@@ -169,6 +169,10 @@ class DistributedConfig:
     max_failures: int = 2  # dead workers replaced, training resumed from the last checkpoint
     storage_path: str | None = None  # checkpoints; shared storage on a multi-node cluster (default OUT/ray)
     max_concurrent_categories: int = 0  # 0: as many as the cluster's resources allow
+    # memory reserved by each category's driver task for the category's whole footprint (driver,
+    # DDP workers, data tasks, feature actors: about 1 GiB per process on CPU), so Ray admits only
+    # as many categories as fit; 0: no reservation. 3 categories at once ran a 24 GiB node out of memory.
+    category_memory_gb: float = 6.0
     baseline: bool = True  # also build frozen-F PatchCore in the same run, for the report
 
     def __post_init__(self) -> None:
@@ -185,6 +189,8 @@ class DistributedConfig:
             raise ConfigError(f"distributed.feature_actors must be >= 1, got {self.feature_actors}")
         if self.max_failures < -1:
             raise ConfigError(f"distributed.max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
+        if self.category_memory_gb < 0:
+            raise ConfigError(f"distributed.category_memory_gb must be >= 0, got {self.category_memory_gb}")
         if self.max_concurrent_categories < 0:
             raise ConfigError(f"distributed.max_concurrent_categories must be >= 0, got {self.max_concurrent_categories}")
 
