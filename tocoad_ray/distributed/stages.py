@@ -33,6 +33,10 @@ from .progress import report_progress
 from .samples import SampleSpec, configure_data_context, epoch_dataset, to_trainer_batch, worker_batch
 
 STAGE_NAMES = {1: "stage1", 2: "stage2"}
+# glibc serves a non-main thread (Ray Train V2 runs the loop in one) from 64 MiB arena heaps and
+# mmaps every larger tensor afresh; one arena for the process keeps them on the main heap (see
+# allocator.py). Read at process start, hence an env var of the worker processes.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 HISTORY = "history.json"
 
 
@@ -192,7 +196,8 @@ def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec
         scaling_config=scaling(cfg),
         run_config=RunConfig(name=name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             worker_runtime_env={"env_vars": WORKER_ENV}),
     )
     result = trainer.fit()
     if result.checkpoint is None:
