@@ -82,6 +82,7 @@ def train_all_wall(cats: list[tuple[str, str]], overrides: dict, concurrent: boo
 
     from jobs.train_all import run
 
+    ray.shutdown()  # each mode on a local instance that train-all sizes for its concurrency
     cfg = load_config(None, {**overrides, "distributed.max_concurrent_categories": 0 if concurrent else 1})
     # categories live under different roots: link them side by side under one root
     root = tmp / "root"
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-train-all", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the train-all wall times")
     ap.add_argument("--train-all-categories", default="mvtec_ad/bottle,mpdd/metal_plate,magnetic_tile/mt")
     args = ap.parse_args()
 
@@ -127,27 +129,12 @@ def main() -> None:
                 "torch": torch.__version__, "ray": ray.__version__}
     print(json.dumps({"settings": settings}), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="train_throughput_"))
+    summary: dict = {}
     try:
-        results = {"plain": plain(cfg, paths, tmp / "plain")}
-        print(json.dumps({"plain": results["plain"]}), flush=True)
-        # the same loop with the allocator setting the Ray workers use (process-wide, so last)
-        from tocoad_ray.distributed.allocator import keep_freed_memory
-
-        keep_freed_memory()
-        results["plain_keep_freed_memory"] = plain(cfg, paths, tmp / "plain_tuned")
-        print(json.dumps({"plain_keep_freed_memory": results["plain_keep_freed_memory"]}), flush=True)
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-        # (workers, torch threads per worker): one worker with all threads like the plain loop, one
-        # worker leaving a core to the Ray Data task that makes the samples, two workers
-        runs = [(1, args.threads), (1, max(1, args.threads - 1)), (2, max(1, args.threads // 2))]
-        for workers, threads in dict.fromkeys(runs):
-            c = load_config(None, {**ov, "distributed.num_workers": workers, "distributed.cpus_per_worker": threads})
-            key = f"ray_{workers}w_{threads}t"
-            results[key] = ray_pipeline(c, paths, tmp / key)
-            print(json.dumps({key: results[key]}), flush=True)
-        summary = {f"{s}_{k}_vs_plain": round(results[k][s]["images_per_s"] / results["plain"][s]["images_per_s"], 3)
-                   for s in ("stage1", "stage2") for k in results if k.startswith("ray")}
+        if not args.skip_throughput:
+            summary.update(throughput(args, ov, cfg, paths, tmp))
         if not args.skip_train_all:
+            ray.shutdown()  # a fresh instance, sized by train-all itself
             cats = [(str(HERE.parent / "shared" / "data" / c.split("/")[0]), c.split("/")[1])
                     for c in args.train_all_categories.split(",")]
             ta = {"method": "tocoad", "stage1.epochs": 1, "stage1.max_steps_per_epoch": 2, "stage2.epochs": 1,
@@ -161,6 +148,31 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def throughput(args, ov: dict, cfg, paths, tmp: Path) -> dict:
+    """Plain loop (as shipped, then with the workers' allocator setting) and the Ray pipeline."""
+    import ray
+
+    results = {"plain": plain(cfg, paths, tmp / "plain")}
+    print(json.dumps({"plain": results["plain"]}), flush=True)
+    # the same loop with the allocator setting the Ray workers use (process-wide, so after it)
+    from tocoad_ray.distributed.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    results["plain_keep_freed_memory"] = plain(cfg, paths, tmp / "plain_tuned")
+    print(json.dumps({"plain_keep_freed_memory": results["plain_keep_freed_memory"]}), flush=True)
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    # (workers, torch threads per worker): one worker with all threads like the plain loop, one
+    # worker leaving a core to the Ray Data task that makes the samples, two workers
+    runs = [(1, args.threads), (1, max(1, args.threads - 1)), (2, max(1, args.threads // 2))]
+    for workers, threads in dict.fromkeys(runs):
+        c = load_config(None, {**ov, "distributed.num_workers": workers, "distributed.cpus_per_worker": threads})
+        key = f"ray_{workers}w_{threads}t"
+        results[key] = ray_pipeline(c, paths, tmp / key)
+        print(json.dumps({key: results[key]}), flush=True)
+    return {f"{s}_{k}_vs_plain": round(results[k][s]["images_per_s"] / results["plain"][s]["images_per_s"], 3)
+            for s in ("stage1", "stage2") for k in results if k.startswith("ray")}
 
 
 if __name__ == "__main__":
