@@ -24,8 +24,8 @@ import torch
 from ..config import Config, DataConfig, from_dict
 from ..data import Preprocess
 from ..train.common import ViewAugment, epoch_rows, prepare_images, row_rng, steps_per_epoch
-from ..train.stage1 import stage1_sample
-from ..train.stage2 import stage2_sample
+from ..train.stage1 import make_stage1_batch
+from ..train.stage2 import make_stage2_batch
 
 
 @dataclass(frozen=True)
@@ -75,23 +75,18 @@ def _images(store) -> list[np.ndarray]:
 
 
 def make_rows(batch: dict[str, np.ndarray], spec: SampleSpec, store) -> dict[str, np.ndarray]:
-    """``map_batches`` function: {"epoch", "row"} → training rows of ``spec.stage``."""
+    """``map_batches`` function: {"epoch", "row"} → training rows of ``spec.stage``, made by the
+    trainers' own batch makers with one ``row_rng`` per row."""
     cfg, pre, gen, augment = _tools(spec)
     images = _images(store)
-    out: dict[str, Any] = {"epoch": batch["epoch"], "row": batch["row"]}
+    imgs = [images[int(r)] for r in batch["row"]]
     rngs = [row_rng(cfg.seed, spec.stage, int(e), int(r)) for e, r in zip(batch["epoch"], batch["row"])]
     if spec.stage == 1:
-        pairs = [stage1_sample(images[int(r)], gen, pre, rng) for r, rng in zip(batch["row"], rngs)]
-        out["image"] = torch.stack([x for x, _ in pairs]).numpy()
-        out["mask"] = torch.stack([m for _, m in pairs]).numpy()
-        return out
-    rows = [stage2_sample(images[int(r)], pre, rng, cfg.stage2.num_views, augment, gen if spec.with_generator else None)
-            for r, rng in zip(batch["row"], rngs)]
-    out["views"] = torch.stack([x["views"] for x in rows]).numpy()  # [B, M, 3, S, S]
-    if spec.with_generator:
-        out["image"] = torch.stack([x["image"] for x in rows]).numpy()
-        out["mask"] = torch.stack([x["mask"] for x in rows]).numpy()
-    return out
+        made = make_stage1_batch(imgs, gen, pre, rngs)
+    else:
+        made = make_stage2_batch(imgs, pre, rngs, cfg.stage2.num_views, augment, gen if spec.with_generator else None)
+        made["views"] = torch.stack(made["views"], dim=1)  # [B, M, 3, S, S]: one row per image
+    return {"epoch": batch["epoch"], "row": batch["row"], **{k: v.numpy() for k, v in made.items()}}
 
 
 def to_trainer_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
