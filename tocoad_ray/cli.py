@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jobs.train_all import add_parser as add_train_all_parser
     add_train_all_parser(sub)
+    from jobs.tune import add_parser as add_tune_parser
+    add_tune_parser(sub)
     return ap
 
 

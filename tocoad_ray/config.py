@@ -5,6 +5,7 @@ so a typo in a YAML file never silently falls back to a default.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -92,6 +93,26 @@ class GeneratorConfig:
     normal_prob: float = 0.5
     rotate: bool = True  # small random + 90° rotations of the base image (ToCoAD)
 
+    def __post_init__(self) -> None:
+        if self.kind not in GENERATOR_KINDS:
+            raise ConfigError(f"generator.kind must be one of {list(GENERATOR_KINDS)}, got {self.kind!r}")
+        if not 0.0 <= self.normal_prob < 1.0:
+            raise ConfigError(f"generator.normal_prob must be in [0, 1), got {self.normal_prob}")
+
+
+GENERATOR_KINDS = ("perlin", "cutpaste", "cutpaste_scar", "nsa")
+
+
+def _check_stage(name: str, epochs: int, batch_size: int, lr: float, loss: str) -> None:
+    if epochs < 0:
+        raise ConfigError(f"{name}.epochs must be >= 0, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"{name}.batch_size must be >= 1, got {batch_size}")
+    if lr < 0:
+        raise ConfigError(f"{name}.lr must be >= 0, got {lr}")
+    if loss not in ("focal", "ce"):
+        raise ConfigError(f"{name}.loss must be focal or ce, got {loss!r}")
+
 
 @dataclass
 class Stage1Config:
@@ -106,6 +127,9 @@ class Stage1Config:
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25  # α_t of eq. 2 for the anomalous class
     max_steps_per_epoch: int | None = None  # cap for CPU smoke runs
+
+    def __post_init__(self) -> None:
+        _check_stage("stage1", self.epochs, self.batch_size, self.lr, self.loss)
 
 
 @dataclass
@@ -129,6 +153,13 @@ class Stage2Config:
     proj_dim: int = 512
     pred_hidden: int = 128
     max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_stage("stage2", self.epochs, self.batch_size, self.lr, self.loss)
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"stage2.lam (λ) must be in [0, 1], got {self.lam}")
+        if self.target not in ("simsiam", "byol"):
+            raise ConfigError(f"stage2.target must be simsiam or byol, got {self.target!r}")
 
 
 @dataclass
@@ -306,6 +337,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded
+    return build_config(data, overrides)
+
+
+def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """A Config from a mapping (as read from YAML) with dotted ``overrides`` applied."""
+    data = copy.deepcopy(data)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 import time
 import traceback
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 from ..artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, read_meta
 from ..config import Config, replace
 from ..data import DataError, Preprocess, load_split
+from ..validation import (QuickValidator, ValidationConfig, build_validation_set, holdout, resolve_generator,
+                          score_validation)
 from ..models.backbone import FeatureExtractor
 from ..train.checkpoint import CheckpointError, load_checkpoint, read_pointer, save_checkpoint
 from ..train.common import build_extractor, fingerprint, seeded_init
@@ -38,20 +41,22 @@ from .stages import STAGE_NAMES, run_stage, stage_fingerprint, use_gpu
 RESULT = "result.json"
 
 
-def category_fingerprint(cfg: Config, data_root: str | Path, category: str) -> str:
-    """A finished category is reused only for the same config, data and category."""
-    return hashlib.sha256(fingerprint({"config": cfg.to_dict(), "data": str(data_root), "category": category}).encode()
-                          ).hexdigest()
+def category_fingerprint(cfg: Config, data_root: str | Path, category: str, validation: dict | None = None) -> str:
+    """A finished category is reused only for the same config, data, category and validation plan."""
+    return hashlib.sha256(fingerprint({"config": cfg.to_dict(), "data": str(data_root), "category": category,
+                                       **({"validation": validation} if validation else {})}).encode()).hexdigest()
 
 
-def finished_result(out: Path, cfg: Config, data_root: str | Path, category: str) -> dict[str, Any] | None:
+def finished_result(out: Path, cfg: Config, data_root: str | Path, category: str, validation: dict | None = None
+                    ) -> dict[str, Any] | None:
     """The saved result of a finished category with this configuration, if its artifacts still verify."""
     path = Path(out) / "work" / category / RESULT
     if not path.is_file():
         return None
     try:
         res = json.loads(path.read_text())
-        if res.get("status") != "ok" or res.get("fingerprint") != category_fingerprint(cfg, data_root, category):
+        if res.get("status") != "ok" or \
+                res.get("fingerprint") != category_fingerprint(cfg, data_root, category, validation):
             return None
         for art in (res.get("artifact"), res.get("baseline_artifact")):
             if art:
@@ -67,7 +72,8 @@ def _mean_std(cfg: Config) -> tuple[list[float], list[float]]:
 
 
 def _stage(cfg: Config, stage: int, category: str, work: Path, store, n: int, spec: SampleSpec, storage: str,
-           board: str | None, log: Callable[[str], None], discriminator: dict | None = None) -> dict[str, Any]:
+           board: str | None, log: Callable[[str], None], discriminator: dict | None = None,
+           validator=None, callbacks: list | None = None) -> dict[str, Any]:
     """A stage's final state from ``work`` if it finished before, else from a TorchTrainer run."""
     name = STAGE_NAMES[stage]
     scfg = cfg.stage1 if stage == 1 else cfg.stage2
@@ -85,7 +91,7 @@ def _stage(cfg: Config, stage: int, category: str, work: Path, store, n: int, sp
         return {"state": state, "history": meta.get("history", []), "seconds": 0.0, "reused": True}
     report_progress(board, category, stage=name, epoch=0, epochs=scfg.epochs)
     res = run_stage(cfg, stage, category, store, n, spec, storage, discriminator_state=discriminator, progress=board,
-                    salt=d_sha)
+                    salt=d_sha, validator=validator, callbacks=callbacks)
     save_checkpoint(sdir, res.state, {"stage": name, "fingerprint": fp, "discriminator": d_sha,
                                       "history": res.history, "run": res.run_name})
     log(f"{name}: {len(res.history)} epochs in {res.seconds:.1f}s on {res.workers} workers"
@@ -157,21 +163,50 @@ def _evaluate(art: Path, data_root: str | Path, category: str, cfg: Config) -> d
     return res
 
 
+def _validation_plan(validation: ValidationConfig | None, val_generator: str | None, cfg: Config) -> dict | None:
+    if validation is None:
+        return None
+    return {**asdict(validation), "generator": val_generator or resolve_generator(validation, [cfg.generator.kind])}
+
+
+def _validation_data(cfg: Config, plan: dict, paths: list[Path], mean, std) -> tuple[list[Path], Any, Any]:
+    """(fitting paths, validation set, per-epoch validator) for ``validation`` mode."""
+    from ..data import read_image
+
+    vcfg = ValidationConfig(**{**plan, "generator": "auto"})
+    fit_idx, val_idx = holdout(len(paths), vcfg, cfg.seed)
+    pre = Preprocess(cfg.data, mean, std)
+    vset = build_validation_set([paths[i] for i in val_idx], pre, plan["generator"], cfg.seed,
+                                vcfg.min_anomaly_fraction)
+    fit = [paths[i] for i in fit_idx]
+    quick = torch.stack([pre.image(read_image(p)) for p in fit[:vcfg.quick_bank_images]])
+    return fit, vset, QuickValidator(cfg, quick, vset)
+
+
 def train_category(cfg: Config, data_root: str | Path, category: str, out: str | Path, storage_path: str | Path,
-                   board: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   board: str | None = None, log: Callable[[str], None] | None = None,
+                   validation: ValidationConfig | None = None, val_generator: str | None = None,
+                   callbacks: list | None = None) -> dict[str, Any]:
     """Train, build and evaluate one category; returns (and writes to work/<category>/result.json)
-    its metrics, the baseline's, per-stage times and per-epoch histories."""
+    its metrics, the baseline's, per-stage times and per-epoch histories.
+
+    ``validation`` (the ``tocoad tune`` objective): a share of the training images is held out from
+    fitting and the artifact is scored on them and on G_val's anomalies made from them
+    (``val_generator``, default: the first generator other than ``generator.kind``); the test split
+    is never opened. Every training epoch then also reports the quick-bank validation score, and
+    ``callbacks`` go to the stages' Ray Train runs (Tune's ``TuneReportCallback``)."""
     out, storage = Path(out), str(storage_path)
     work, art, base = out / "work" / category, out / "artifacts" / category, out / "baseline" / category
     work.mkdir(parents=True, exist_ok=True)
     messages: list[str] = []
+    plan = _validation_plan(validation, val_generator, cfg)
 
     def say(msg: str) -> None:
         messages.append(msg)
         (log or (lambda m: None))(f"[{category}] {msg}")
         report_progress(board, category, message=msg)
 
-    prior = finished_result(out, cfg, data_root, category)
+    prior = finished_result(out, cfg, data_root, category, plan)
     if prior is not None:
         say("finished in an earlier run with this configuration: skipped")
         report_progress(board, category, stage="done (earlier run)")
@@ -182,9 +217,15 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
     split = load_split(data_root, category, cfg.data.layout)
     if not split.train:
         raise DataError(f"no training images for {category!r} under {data_root}")
-    if not split.test:
+    if plan is None and not split.test:
         raise DataError(f"no test images for {category!r} under {data_root}")
     paths = [s.path for s in split.train]
+    validator = vset = None
+    if plan is not None:
+        mean, std = _mean_std(cfg)
+        paths, vset, validator = _validation_data(cfg, plan, paths, mean, std)
+        say(f"validation: {len(vset.labels) // 2} held-out normal images + as many {plan['generator']} anomalies; "
+            f"fitting on {len(paths)}")
     timings: dict[str, float] = {}
     files: dict[str, str] = {}
     histories: dict[str, list] = {}
@@ -201,13 +242,14 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         discriminator = None
         if cfg.stage1.enabled:
             r1 = _stage(cfg, 1, category, work, store, len(paths), SampleSpec.build(cfg, 1, mean, std), storage, board,
-                        say)
+                        say, validator=validator, callbacks=callbacks)
             discriminator = r1["state"]["model"]
             histories["stage1"], timings["stage1_s"] = r1["history"], r1["seconds"]
             resumed["stage1"] = r1.get("resumed_from", [])
         if cfg.stage2.enabled:
             spec2 = SampleSpec.build(cfg, 2, mean, std, with_generator=discriminator is not None)
-            r2 = _stage(cfg, 2, category, work, store, len(paths), spec2, storage, board, say, discriminator)
+            r2 = _stage(cfg, 2, category, work, store, len(paths), spec2, storage, board, say, discriminator,
+                        validator=validator, callbacks=callbacks)
             body = {k[2:]: v for k, v in r2["state"]["model"].items() if k.startswith("F.")}
             histories["stage2"], timings["stage2_s"] = r2["history"], r2["seconds"]
             resumed["stage2"] = r2.get("resumed_from", [])
@@ -224,9 +266,17 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
 
     report_progress(board, category, stage="bank")
     meta = _bank(cfg, art, category, data_root, paths, weights, files, timings, t0, storage, say)
-    report_progress(board, category, stage="evaluate")
+    def score(artifact: Path, c: Config) -> dict[str, Any]:
+        if vset is None:
+            return _evaluate(artifact, data_root, category, c)
+        from ..pipeline import load_detector
+
+        return {**score_validation(load_detector(artifact), vset), "n_validation": int(len(vset.labels)),
+                "validation_generator": vset.generator}
+
+    report_progress(board, category, stage="evaluate" if vset is None else "validate")
     t = time.perf_counter()
-    metrics = _evaluate(art, data_root, category, cfg)
+    metrics = score(art, cfg)
     timings["evaluate_s"] = time.perf_counter() - t
 
     baseline = None
@@ -235,12 +285,13 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         t = time.perf_counter()
         cfg_b = replace(cfg, method="patchcore")
         _bank(cfg_b, base, category, data_root, paths, cfg.backbone.weights, {}, {}, t, storage, say)
-        baseline = _evaluate(base, data_root, category, cfg_b)
+        baseline = score(base, cfg_b)
         timings["baseline_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     result = {
-        "category": category, "status": "ok", "method": cfg.method, "fingerprint": category_fingerprint(cfg, data_root, category),
+        "category": category, "status": "ok", "method": cfg.method,
+        "fingerprint": category_fingerprint(cfg, data_root, category, plan), "validation": plan,
         "metrics": metrics, "baseline": baseline, "timings": {**meta["timings"], **timings},
         "workers": cfg.distributed.num_workers, "histories": histories, "resumed_from": resumed,
         "artifact": str(art), "baseline_artifact": str(base) if baseline is not None else None,

@@ -120,6 +120,7 @@ def stage_loop(config: dict[str, Any]) -> None:
     n = int(config["n_images"])
     _, steps, bw = worker_batch(n, scfg.batch_size, scfg.max_steps_per_epoch, world)
     spec: SampleSpec = config["spec"]
+    validator = config.get("validator")
     remaining = scfg.epochs - trainer.epoch
     if remaining > 0:
         ds = epoch_dataset(config["store"], n, spec, trainer.epoch, rank, world, cfg.distributed.data_cpus,
@@ -132,6 +133,8 @@ def stage_loop(config: dict[str, Any]) -> None:
             raise RuntimeError(f"{name} epoch {epoch}: worker {rank} got {m['steps']} batches, expected {steps}")
         m["losses"] = _mean_over_workers(m["losses"], world)
         m.update(workers=world, images=steps * bw * world, resumed_from=resumed_from)
+        if validator is not None and rank == 0:  # validation.QuickValidator: F's score on held-out images
+            m.update(validator(trainer.extractor), val_bank="quick", stage=name)
         history.append(m)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -180,9 +183,11 @@ def scaling(cfg: Config) -> "Any":
 
 
 def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec: SampleSpec, storage_path: str,
-              discriminator_state: dict | None = None, progress: str | None = None, salt: str | None = None
-              ) -> StageResult:
-    """Fit one stage with a TorchTrainer; resumes the run of the same name in ``storage_path``."""
+              discriminator_state: dict | None = None, progress: str | None = None, salt: str | None = None,
+              validator=None, callbacks: list | None = None) -> StageResult:
+    """Fit one stage with a TorchTrainer; resumes the run of the same name in ``storage_path``.
+    ``validator`` (rank 0, after every epoch) adds validation metrics to the report; ``callbacks``
+    are Ray Train callbacks (Tune's ``TuneReportCallback`` inside a trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -192,12 +197,12 @@ def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec
         stage_loop,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "store": store, "n_images": n_images, "spec": spec,
                            "discriminator": discriminator_state,
-                           "progress": progress, "category": category},
+                           "progress": progress, "category": category, "validator": validator},
         scaling_config=scaling(cfg),
         run_config=RunConfig(name=name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             worker_runtime_env={"env_vars": WORKER_ENV}),
+                             worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=callbacks),
     )
     result = trainer.fit()
     if result.checkpoint is None:
