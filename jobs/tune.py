@@ -91,12 +91,18 @@ def trial(params: dict[str, Any], base: dict, data_root: str, out: str, validati
     from tocoad_ray.distributed.category import train_category
     from tocoad_ray.validation import ValidationConfig
 
+    from filelock import FileLock
+
     category = params["category"]
     cfg = apply(from_dict(Config, base), {k: v for k, v in params.items() if k != "category"})
     folder = run_dir(Path(out), cfg)
-    res = train_category(cfg, data_root, category, folder, str(folder / "ray"),
-                         validation=ValidationConfig(**validation), val_generator=val_generator,
-                         callbacks=[TuneReportCallback()] if cfg.method == "tocoad" else None)
+    folder.mkdir(parents=True, exist_ok=True)
+    # two trials can sample the same configuration: the second waits and reuses the first's run
+    # (each configuration has its own Ray Train storage, so different trials never share a run)
+    with FileLock(str(folder / f".{category}.lock")):
+        res = train_category(cfg, data_root, category, folder, str(folder / "ray"),
+                             validation=ValidationConfig(**validation), val_generator=val_generator,
+                             callbacks=[TuneReportCallback()] if cfg.method == "tocoad" else None)
     ray.tune.report({**{k: v for k, v in res["metrics"].items() if k.startswith("val_")},
                      "val_bank": "full", "final": True, "run": str(folder)})
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tocoad_ray.config import ConfigError, load_config
-from tocoad_ray.data import Preprocess, load_split
+from tocoad_ray.data import Preprocess, load_split, read_image
 from tocoad_ray.models.backbone import FeatureExtractor
 from tocoad_ray.pipeline import fit, load_detector
 from tocoad_ray.validation import (QuickValidator, ValidationConfig, build_validation_set, holdout, resolve_generator,
@@ -64,8 +64,7 @@ def test_score_validation_separates_real_features(bottle_val, tmp_path, data_roo
     validator (bank = every patch of a few images) agrees with a full detector built the same way."""
     cfg, paths, pre, ex = bottle_val
     vs = build_validation_set(paths[8:12], pre, "nsa", seed=0)
-    quick = QuickValidator(cfg, torch.stack([pre.image(np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB")))
-                                             for p in paths[:8]]), vs)
+    quick = QuickValidator(cfg, torch.stack([pre.image(read_image(p)) for p in paths[:8]]), vs)
     m = quick(ex)
     assert set(m) == {"val_score", "val_image_auroc", "val_pixel_auroc", "val_aupro"}
     assert m["val_image_auroc"] > 0.7 and m["val_pixel_auroc"] > 0.8
