@@ -311,7 +311,10 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
     else:
         resources = physical_resources()
         n = max_concurrent(plan.base, resources, plan.search.max_concurrent_trials)
-        ray.init(num_cpus=local_cpus(plan.base, n), include_dashboard=False, log_to_driver=verbose)
+        # with the dashboard: Ray Train's placement-group cleaner asks the state API whether a stage's
+        # controller is still alive, and frees the workers' CPUs when ASHA stops a trial mid-stage
+        # (without it those CPUs stay reserved and the next trial's data tasks starve)
+        ray.init(num_cpus=local_cpus(plan.base, n), include_dashboard=True, log_to_driver=verbose)
         where = "local"
     concurrent = max_concurrent(plan.base, resources, plan.search.max_concurrent_trials)
     n_trials = plan.search.num_samples * len(categories)

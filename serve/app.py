@@ -9,10 +9,12 @@ fans out to the product's ``BankShard`` shards.
 
 import asyncio
 import base64
+import collections
 import hashlib
 import hmac
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,13 @@ import torch
 import torch.nn.functional as Fn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from swagger_ui_bundle import swagger_ui_path
 
 from tocoad_ray import __version__
 from tocoad_ray.bank.scoring import anomaly_maps, patch_scores, reweighted_image_scores
@@ -36,33 +41,58 @@ from tocoad_ray.visualize import encode_png, heatmap_overlay
 
 from .backbone import Backbone
 from .config import valid_product_name
-from .errors import ServeError, from_data_error
+from .errors import ClientGone, ServeError, from_data_error
 from .registry import Registry, effective_config
 from .shards import BankShard, ServeShardClient, ShardedSearch
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 MULTIPART_SLACK = 64 << 10  # multipart framing around the file part
+DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 
 app = FastAPI(title="tocoad-ray anomaly scoring", version=__version__,
-              description="PatchCore-style memory-bank anomaly scores for industrial images.")
+              description="PatchCore-style memory-bank anomaly scores for industrial images.",
+              docs_url=None, redoc_url=None)  # /docs is served from local assets below (offline networks)
+
+
+def request_id() -> str:
+    """Ray Serve's id of this request (the proxy returns it as X-Request-ID, its logs carry it)."""
+    try:
+        rid = serve.context._get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica
+        rid = ""
+    return rid or uuid.uuid4().hex
+
+
+def error_response(e: ServeError, rid: str | None = None) -> JSONResponse:
+    rid = rid or request_id()  # Serve's proxy sends the same id as the X-Request-ID header
+    return JSONResponse(e.body(rid), status_code=e.status, headers=e.headers)
 
 
 @app.exception_handler(ServeError)
 async def _serve_error(_: Request, e: ServeError):
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    return error_response(e)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return JSONResponse({"error": code, "detail": str(e.detail)}, status_code=e.status_code)
+    detail = {404: "no such route; see /docs", 405: "method not allowed on this route"}.get(e.status_code, "HTTP error")
+    return error_response(ServeError(e.status_code, code, detail))
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, e: RequestValidationError):
     detail = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg')}" for err in e.errors())
-    return JSONResponse({"error": "invalid_parameter", "detail": detail}, status_code=400)
+    return error_response(ServeError(400, "invalid_parameter", detail[:300]))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception):
+    rid = request_id()
+    log.error("request %s failed: %s", rid, e, exc_info=e)
+    return error_response(ServeError(500, "internal_error", f"the server failed on this request; quote request id "
+                                                           f"{rid} to the operator"), rid)
 
 
 def _public(info: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +106,27 @@ def _public(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The image bytes: multipart field ``file`` or the raw body; stops reading past ``limit``."""
+def _state(name: str, st: dict[str, Any]) -> dict[str, Any]:
+    """A product's public state: ready / loading / unavailable with the kind of failure (no paths)."""
+    out = {"product": name, "state": st["state"], "since": st.get("since")}
+    if st["state"] == "unavailable":
+        out["reason"] = {"kind": st["kind"], "message": st["message"]}
+    if st.get("update_error"):
+        out["update_error"] = dict(st["update_error"])  # a newer version failed; the published one serves
+    return out
+
+
+def _errors(snap: dict[str, Any]) -> dict[str, dict[str, str]]:
+    out = {n: {"kind": st["kind"], "message": st.get("message") or st["update_error"]["message"]}
+           for n, st in snap["states"].items() if st.get("kind")}
+    if snap.get("config_error"):
+        out["_config"] = {k: snap["config_error"][k] for k in ("kind", "message")}
+    return out
+
+
+async def read_upload(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The image bytes: multipart field ``file`` (exactly one) or the raw body; stops reading past
+    ``limit`` bytes or ``timeout_s`` seconds."""
     cap = limit + MULTIPART_SLACK
     cl = request.headers.get("content-length")
     if cl is not None:
@@ -86,19 +135,34 @@ async def read_upload(request: Request, limit: int) -> bytes:
         if int(cl) > cap:
             raise ServeError(413, "payload_too_large", f"upload of {cl} bytes exceeds the limit of {limit} bytes")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > cap:
-            raise ServeError(413, "payload_too_large", f"upload exceeds the limit of {limit} bytes")
+
+    async def receive() -> None:
+        async for chunk in request.stream():
+            buf.extend(chunk)
+            if len(buf) > cap:
+                raise ServeError(413, "payload_too_large", f"upload exceeds the limit of {limit} bytes")
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ServeError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                                              "(body_timeout_s); send it at once", {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         request._body = bytes(buf)  # Starlette's form parser re-reads the cached body
         try:
             form = await request.form()
         except Exception as e:
-            raise ServeError(400, "bad_multipart", f"cannot parse multipart body: {e}") from e
-        f = form.get("file")
-        if f is None:
+            log.info("request %s: unparsable multipart body: %s", request_id(), e)
+            raise ServeError(400, "bad_multipart", "the multipart body cannot be parsed") from e
+        files = form.getlist("file")
+        if not files:
             raise ServeError(400, "missing_file", "multipart upload has no 'file' field")
+        if len(files) > 1:
+            raise ServeError(400, "ambiguous_upload", f"multipart upload has {len(files)} 'file' fields; send one "
+                                                      "image per request")
+        f = files[0]
         data = await f.read() if hasattr(f, "read") else str(f).encode()
     else:
         data = bytes(buf)
@@ -132,9 +196,21 @@ class Ingress:
                                           tag_keys=("product", "status"))
         self.m_errors = metrics.Counter("tocoad_score_errors", "failed scoring requests by product and error code",
                                         tag_keys=("product", "error"))
+        self.counts: collections.Counter = collections.Counter()
         self.m_latency = metrics.Histogram("tocoad_score_latency_ms", "scoring latency (ms)",
                                            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
                                            tag_keys=("product",))
+
+    def _count(self, tag: str, status: str, error: str | None = None) -> None:
+        self.m_requests.inc(tags={"product": tag, "status": status})
+        self.counts[status] += 1
+        if error:
+            self.m_errors.inc(tags={"product": tag, "error": error})
+            self.counts[error] += 1
+
+    async def stats(self) -> dict[str, int]:
+        """This replica's request counts by HTTP status and error code (the metrics carry the same)."""
+        return dict(self.counts)
 
     async def snapshot(self, force: bool = False) -> dict[str, Any]:
         now = time.monotonic()
@@ -144,7 +220,9 @@ class Ingress:
                 self._snap = await self.registry.snapshot.remote()
             except Exception as e:
                 if self._snap is None:
-                    raise ServeError(503, "registry_unavailable", f"product registry unreachable: {e}") from e
+                    log.error("request %s: registry unreachable: %s", request_id(), e)
+                    raise ServeError(503, "registry_unavailable", "the product registry is not reachable yet; retry "
+                                                                  "shortly", {"Retry-After": "2"}) from e
             self._snap_t = now
         return self._snap
 
@@ -172,35 +250,72 @@ class Ingress:
     async def index(self):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz", summary="liveness and loaded product count")
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        # Swagger UI from the swagger-ui-bundle package: no CDN, works on an offline factory network
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title + " - docs",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_assets(self, name: str):
+        if name not in DOCS_ASSETS:
+            raise ServeError(404, "not_found", "no such docs asset")
+        return FileResponse(Path(swagger_ui_path) / name)
+
+    @app.get("/healthz", summary="liveness: the service answers (readiness is /readyz)")
     async def healthz(self):
         snap = await self.snapshot()
-        return {"status": "ok", "products": len(snap["products"]), "generation": snap["generation"],
-                "errors": snap["errors"], "version": __version__}
+        states = snap["states"]
+        return {"status": "ok", "ready": all(s["state"] == "ready" for s in states.values()),
+                "products": len(snap["products"]), "generation": snap["generation"], "version": __version__}
 
-    @app.get("/v1/products", summary="loaded products: version, backbone, bank size, shards, threshold")
+    @app.get("/readyz", summary="readiness: 200 when every configured product can be scored, else 503")
+    async def readyz(self):
+        snap = await self.snapshot(force=True)
+        states = [_state(n, st) for n, st in sorted(snap["states"].items())]
+        waiting = [s for s in states if s["state"] != "ready"]
+        body = {"status": "not_ready" if waiting else "ready", "products": states}
+        if waiting:
+            retry = str(max(1, int(np.ceil(snap["settings"]["poll_interval_s"]))))
+            return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
+        return body
+
+    @app.get("/v1/products", summary="every product with its state; loaded ones with version, bank, shards, threshold")
     async def products(self):
         snap = await self.snapshot()
-        return {"generation": snap["generation"], "products": [_public(i) for i in snap["products"].values()],
-                "errors": snap["errors"], "auth_required": bool(snap["settings"]["auth_sha256"])}
+        loaded = snap["products"]
+        return {"generation": snap["generation"],
+                "products": [_public(i) | {"state": "ready"} for i in loaded.values()],
+                "states": [_state(n, st) for n, st in sorted(snap["states"].items())],
+                "errors": _errors(snap), "auth_required": bool(snap["settings"]["auth_sha256"])}
 
     @app.post("/v1/products/{product}/score", summary="score one image (multipart field 'file' or raw body)")
     async def score(self, product: str, request: Request, map: str | None = None, threshold: float | None = None):
         t0 = time.perf_counter()
         tag = product if valid_product_name(product) else "_invalid"
+        rid = request_id()
         try:
             out = await self._score(product, request, map, threshold)
         except ServeError as e:
             tag = tag if e.status != 404 else "_unknown"  # don't let arbitrary names become metric tags
-            self.m_requests.inc(tags={"product": tag, "status": str(e.status)})
-            self.m_errors.inc(tags={"product": tag, "error": e.code})
+            self._count(tag, str(e.status), e.code)
             raise
-        except Exception as e:  # a replica died mid-request, a timeout, ...: report, keep serving
-            log.exception("scoring failed")
-            self.m_requests.inc(tags={"product": tag, "status": "503"})
-            self.m_errors.inc(tags={"product": tag, "error": "backend_unavailable"})
-            raise ServeError(503, "backend_unavailable", f"{type(e).__name__}: {e}"[:500]) from e
-        self.m_requests.inc(tags={"product": tag, "status": "200"})
+        except ClientGone:  # the client left: nobody to answer, nothing failed on our side
+            log.info("request %s: client disconnected before its upload arrived", rid)
+            self._count(tag, "499", "client_disconnected")
+            return Response(status_code=499)
+        except asyncio.CancelledError:  # Serve's proxy cancels the request when its client disconnects
+            log.info("request %s: client disconnected; request cancelled", rid)
+            self._count(tag, "499", "client_disconnected")
+            raise
+        except Exception as e:  # a replica died mid-request, a timeout, ...: log it all, answer without internals
+            log.error("request %s: scoring %r failed: %s: %s", rid, tag, type(e).__name__, e, exc_info=e)
+            self._count(tag, "503", "backend_unavailable")
+            raise ServeError(503, "backend_unavailable", "a scoring backend failed or restarted during this request; "
+                                                         "retry it", {"Retry-After": "1"}) from e
+        self._count(tag, "200")
         self.m_latency.observe(1000 * (time.perf_counter() - t0), tags={"product": tag})
         return out
 
@@ -218,12 +333,16 @@ class Ingress:
             snap = await self.snapshot(force=True)  # maybe just added
             info = snap["products"].get(product)
         if info is None:
-            err = snap["errors"].get(product)
-            if err:
-                raise ServeError(503, "product_unavailable", f"product {product!r} failed to load: {err}")
-            raise ServeError(404, "unknown_product", f"no product {product!r}; see GET /v1/products")
+            st = snap["states"].get(product)
+            if st is None:
+                raise ServeError(404, "unknown_product", f"no product {product!r}; see GET /v1/products")
+            retry = {"Retry-After": str(max(1, int(np.ceil(snap["settings"]["poll_interval_s"]))))}
+            if st["state"] == "loading":
+                raise ServeError(503, "product_loading", f"product {product!r} is still loading; retry shortly", retry)
+            raise ServeError(503, "product_unavailable", f"product {product!r} is unavailable ({st['kind']}): "
+                                                         f"{st['message']}", retry)
         settings = snap["settings"]
-        data = await read_upload(request, settings["max_upload_bytes"])
+        data = await read_upload(request, settings["max_upload_bytes"], settings["body_timeout_s"])
         loop = asyncio.get_running_loop()
         pre = self._preprocess(info)
 
@@ -231,16 +350,17 @@ class Ingress:
             try:
                 return pre.image(decode_image_bytes(data, settings["max_pixels"]))
             except DataError as e:
-                raise from_data_error(e) from e
+                raise from_data_error(e, settings["max_pixels"]) from e
 
         x = await loop.run_in_executor(self._pool, prepare)
-        rows, (h, w) = await self.backbone.options(multiplexed_model_id=info["backbone_id"]).embed.remote(x.numpy())
+        rows, (h, w) = await self.backbone.options(multiplexed_model_id=info["backbone_id"]).embed.remote(
+            x.numpy(), info["model_source"])
         return await loop.run_in_executor(self._pool, self._finish, info, x, rows, (h, w), map_mode, threshold,
                                           settings)
 
     def _finish(self, info, x, rows, grid, map_mode, threshold, settings) -> dict[str, Any]:
         """Eq. 8/9 and the map over the sharded bank — the same calls as MemoryBank.score/Detector.score."""
-        search = ShardedSearch([ServeShardClient(self.shard, s["id"]) for s in info["shards"]],
+        search = ShardedSearch([ServeShardClient(self.shard, s["id"], info["bank_source"]) for s in info["shards"]],
                                [s["offset"] for s in info["shards"]], info["feature_dim"])
         s_prime, nn = patch_scores(search, rows)
         score = float(reweighted_image_scores(search, rows, s_prime, nn, 1, info["num_neighbors"])[0])

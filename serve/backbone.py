@@ -25,9 +25,9 @@ def backbone_id(artifact: str, sha: str) -> str:
     return f"{artifact}|{sha}"
 
 
-def load_patch_model(mid: str) -> PatchModel:
-    """The PatchModel of an artifact version: the same construction and weights check as
-    ``tocoad_ray.pipeline.load_detector``, without loading the bank."""
+def load_patch_model(mid: str, device: str | None = None) -> PatchModel:
+    """The PatchModel of an artifact version from disk: the same construction and weights check
+    as ``tocoad_ray.pipeline.load_detector``, without loading the bank."""
     artifact, sha = mid.rsplit("|", 1)
     meta = read_meta(artifact, verify=True)
     if meta_sha(artifact) != sha:
@@ -41,7 +41,32 @@ def load_patch_model(mid: str) -> PatchModel:
                             f"{bb['weights_sha256'][:12]}… the bank was built with")
     ap = Path(artifact) / "adapter.safetensors"
     adapter = load_adapter(ap) if ap.is_file() else None
-    return PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=resolve_device(cfg.bank.device))
+    return PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=resolve_device(device or cfg.bank.device))
+
+
+def model_bundle(model: PatchModel, device: str) -> dict:
+    """A verified PatchModel as plain arrays, for the object store: a replica that starts later
+    rebuilds exactly this version, whatever happened to the files since."""
+    ex = model.extractor
+    return {"name": ex.name, "layers": list(ex.layers), "patch_size": model.patch_size, "device": device,
+            "weights_sha256": ex.weights_sha256,
+            "body": {k: v.detach().cpu().numpy() for k, v in ex.body.state_dict().items()},
+            "adapter": None if model.adapter is None else
+            {k: v.detach().cpu().numpy() for k, v in model.adapter.state_dict().items()}}
+
+
+def model_from_bundle(bundle: dict) -> PatchModel:
+    from tocoad_ray.models.reconpatch import PatchAdapter
+    from tocoad_ray.models.weights import load_into
+
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
+        extractor = FeatureExtractor(bundle["name"], bundle["layers"], "random")
+    load_into(extractor.body, {k: torch.from_numpy(np.array(v)) for k, v in bundle["body"].items()}, "object store")
+    if extractor.refresh_checksum() != bundle["weights_sha256"]:
+        raise ArtifactError("backbone weights from the object store do not match their checksum")
+    adapter = None if bundle["adapter"] is None else PatchAdapter.from_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in bundle["adapter"].items()})
+    return PatchModel(extractor, bundle["patch_size"], adapter=adapter, device=resolve_device(bundle["device"]))
 
 
 @serve.deployment(name="Backbone")
@@ -54,17 +79,28 @@ class Backbone:
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self._sources: dict = {}  # multiplex id -> ObjectRef of its model bundle
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, mid: str) -> PatchModel:
-        return await asyncio.to_thread(load_patch_model, mid)
+        # the version the registry verified and put in the object store (never re-read from disk)
+        bundle = await self._sources[mid]
+        return await asyncio.to_thread(model_from_bundle, bundle)
 
-    async def warm(self) -> dict:
+    def _remember(self, mid: str, source: list) -> None:
+        self._sources[mid] = source[0]  # [ObjectRef]: the list keeps Ray from resolving it in transit
+        if len(self._sources) > 64:
+            self._sources.pop(next(iter(self._sources)))
+
+    async def warm(self, source: list) -> dict:
         """Load the model of this request's multiplex id (the registry calls it before publishing)."""
-        model = await self.get_model(serve.get_multiplexed_model_id())
+        mid = serve.get_multiplexed_model_id()
+        self._remember(mid, source)
+        model = await self.get_model(mid)
         return {"device": str(model.device)}
 
-    async def embed(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    async def embed(self, image: np.ndarray, source: list) -> tuple[np.ndarray, tuple[int, int]]:
+        self._remember(serve.get_multiplexed_model_id(), source)
         return await self._embed_batch(image)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

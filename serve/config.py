@@ -76,6 +76,7 @@ class ServeConfig:
     snapshot_ttl_s: float = 0.5  # ingress: how long a registry snapshot is reused
     max_upload_bytes: int = 16 << 20
     max_pixels: int = 40_000_000
+    body_timeout_s: float = 30.0  # a request body that has not fully arrived by then is answered 408
     auth_token: str | None = None  # bearer token for scoring routes; env TOCOAD_SERVE_TOKEN wins
     map_array_size: int = 32  # ?map=array is downsampled to at most this many cells per side
     backbone: BackboneDeployment = field(default_factory=BackboneDeployment)
@@ -130,6 +131,8 @@ def from_dict(data: dict[str, Any] | None) -> ServeConfig:
         raise ConfigError("config.default_shards must be >= 1")
     if cfg.poll_interval_s <= 0:
         raise ConfigError("config.poll_interval_s must be > 0")
+    if cfg.body_timeout_s <= 0:
+        raise ConfigError("config.body_timeout_s must be > 0")
     return cfg
 
 

@@ -15,13 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import logging
+
+import numpy as np
 from ray import serve
 
 from tocoad_ray.artifact import read_meta
 
-from .backbone import backbone_id
+from .backbone import backbone_id, load_patch_model, model_bundle
 from .config import ServeConfig, from_dict, read_yaml_args, resolve_products
-from .shards import meta_sha, shard_bounds, shard_id
+from .errors import load_failure_kind
+from .shards import meta_sha, read_bank, shard_bounds, shard_id
+
+log = logging.getLogger("ray.serve")
 
 WARM_TIMEOUT_S = 300.0
 
@@ -35,16 +41,29 @@ def effective_config(args: dict[str, Any], overrides: dict[str, Any]) -> ServeCo
 
 @serve.deployment(name="Registry")
 class Registry:
+    """Publishes ``snapshot()``: the loaded products, each product's state, the service settings.
+
+    Every configured (or found) product has a state: ``loading`` until its first version is
+    published, ``ready`` while a version serves (an update that fails to load leaves the old one
+    serving and is shown as ``update_error``), ``unavailable`` when no version could be loaded.
+    States and errors follow the files: they clear when the cause is gone, and a product that is
+    no longer configured or found is forgotten (404). Each published version's bank and model
+    weights live in Ray's object store, and replicas load them from there."""
+
     def __init__(self, backbone, shard, args: dict[str, Any], overrides: dict[str, Any] | None = None):
         self.backbone, self.shard = backbone, shard
         self.args, self.overrides = dict(args or {}), dict(overrides or {})
         self.cfg = effective_config(self.args, self.overrides)
         self.products: dict[str, dict[str, Any]] = {}
-        self.errors: dict[str, str] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+        self.config_error: dict[str, Any] | None = None
         self.generation = 0
         self.last_poll = 0.0
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
+        # known before the first load finishes: a product still loading answers 503, never 404
+        for p in resolve_products(self.cfg):
+            self.states[p.name] = {"state": "loading", "since": time.time()}
         # a thread, not an asyncio task: warming waits on handles with .result(), which must not
         # run on the replica's event loop
         self._thread = threading.Thread(target=self._loop, name="registry-poll", daemon=True)
@@ -54,35 +73,51 @@ class Registry:
         while not self._stop.is_set():
             try:
                 self.poll_once()
-            except Exception as e:  # keep polling; the error is visible in /v1/products
-                self.errors["_config"] = f"{type(e).__name__}: {e}"
+            except Exception as e:  # keep polling; shown (without internals) in the listing
+                log.warning("registry: config error: %s: %s", type(e).__name__, e)
+                self.config_error = {"kind": "invalid_config", "message": "the service config cannot be read: "
+                                     "the server log has the details", "since": time.time()}
             self._stop.wait(self.cfg.poll_interval_s)
+
+    def _fail(self, name: str, e: BaseException) -> None:
+        kind, message = load_failure_kind(e)
+        log.warning("registry: product %r failed to load (%s): %s: %s", name, kind, type(e).__name__, e)
+        loaded = name in self.products
+        prev = self.states.get(name, {})
+        since = prev.get("since") if prev.get("kind") == kind else time.time()
+        if loaded:
+            self.states[name] = {**prev, "state": "ready", "update_error": {"kind": kind, "message": message},
+                                 "kind": kind, "since": since}
+        else:
+            self.states[name] = {"state": "unavailable", "kind": kind, "message": message, "since": since}
 
     def poll_once(self) -> bool:
         """Re-read config and artifact versions; load and swap changed products. True if changed."""
         with self._poll_lock:
             cfg = effective_config(self.args, self.overrides)
             self.cfg = cfg
-            self.errors.pop("_config", None)
+            self.config_error = None
             new = dict(self.products)
             changed = False
             wanted = resolve_products(cfg)
-            for name in set(new) - {p.name for p in wanted}:
+            names = {p.name for p in wanted}
+            for name in set(new) - names:
                 del new[name]
-                self.errors.pop(name, None)
                 changed = True
+            for name in set(self.states) - names:
+                del self.states[name]
             for p in wanted:
+                self.states.setdefault(p.name, {"state": "loading", "since": time.time()})
                 try:
                     artifact = str(Path(p.artifact).resolve())
                     sha = meta_sha(artifact)
                     key = (artifact, sha, p.shards, p.threshold)
-                    if name_key(new.get(p.name)) == key:
-                        continue
-                    new[p.name] = self._load(p.name, artifact, sha, p.shards, p.threshold)
-                    self.errors.pop(p.name, None)
-                    changed = True
-                except Exception as e:
-                    self.errors[p.name] = f"{type(e).__name__}: {e}"
+                    if name_key(new.get(p.name)) != key:
+                        new[p.name] = self._load(p.name, artifact, sha, p.shards, p.threshold)
+                        changed = True
+                    self.states[p.name] = {"state": "ready", "since": new[p.name]["loaded_at"]}
+                except Exception as e:  # ``new`` keeps the published version, if any: it keeps serving
+                    self._fail(p.name, e)
             if changed:
                 self.products = new  # the atomic swap: one reference assignment
                 self.generation += 1
@@ -90,18 +125,26 @@ class Registry:
             return changed
 
     def _load(self, name: str, artifact: str, sha: str, shards: int, threshold: float | None) -> dict[str, Any]:
+        import ray
+
         meta = read_meta(artifact, verify=True)
+        bid = backbone_id(artifact, sha)
+        model = load_patch_model(bid, device="cpu")
+        bank, faiss_gpu = read_bank(artifact, sha)
         if meta_sha(artifact) != sha:
             raise RuntimeError("artifact changed while loading; retrying on the next poll")
+        cfg = meta["config"]
+        # the verified version goes to the object store; replicas (also restarted ones) load it from there
+        model_src = [ray.put(model_bundle(model, cfg["bank"].get("device", "auto")))]
+        bank_src = [ray.put(np.ascontiguousarray(bank)), faiss_gpu]
+        del model, bank
         bounds = shard_bounds(int(meta["bank_size"]), shards)
         ids = [shard_id(artifact, sha, i, len(bounds) - 1) for i in range(len(bounds) - 1)]
-        bid = backbone_id(artifact, sha)
         # warm everything before publishing, so the swap never exposes a half-loaded version
-        pending = [self.backbone.options(multiplexed_model_id=bid).warm.remote()]
-        pending += [self.shard.options(multiplexed_model_id=m).info.remote() for m in ids]
+        pending = [self.backbone.options(multiplexed_model_id=bid).warm.remote(model_src)]
+        pending += [self.shard.options(multiplexed_model_id=m).info.remote(bank_src) for m in ids]
         for r in pending:
             r.result(timeout_s=WARM_TIMEOUT_S)
-        cfg = meta["config"]
         return {
             "name": name, "artifact": artifact, "sha": sha, "version": sha[:12], "created": meta.get("created"),
             "method": meta.get("method"), "category": meta.get("category"),
@@ -113,7 +156,7 @@ class Registry:
             "bank_size": int(meta["bank_size"]), "feature_dim": int(meta["feature_dim"]),
             "input_size": int(meta["input_size"]), "grid": meta.get("grid"), "data": cfg["data"],
             "num_neighbors": int(cfg["bank"]["num_neighbors"]), "blur_sigma": float(cfg["bank"]["blur_sigma"]),
-            "backbone_id": bid,
+            "backbone_id": bid, "model_source": model_src, "bank_source": bank_src,
             "shards": [{"id": m, "offset": bounds[i], "size": bounds[i + 1] - bounds[i]} for i, m in enumerate(ids)],
             "loaded_at": time.time(),
             "_key": (artifact, sha, shards, threshold),
@@ -123,11 +166,13 @@ class Registry:
         cfg = self.cfg
         token = cfg.effective_token()
         return {
-            "generation": self.generation, "products": self.products, "errors": dict(self.errors),
+            "generation": self.generation, "products": self.products,
+            "states": {k: dict(v) for k, v in self.states.items()}, "config_error": self.config_error,
             "last_poll": self.last_poll, "poll_interval_s": cfg.poll_interval_s,
             "settings": {
                 "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                 "map_array_size": cfg.map_array_size, "snapshot_ttl_s": cfg.snapshot_ttl_s,
+                "body_timeout_s": cfg.body_timeout_s, "poll_interval_s": cfg.poll_interval_s,
                 "auth_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
             },
         }

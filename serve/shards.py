@@ -52,23 +52,31 @@ class LoadedShard:
         return self.index.bank[local_idx]
 
 
-def load_shard(mid: str) -> LoadedShard:
-    """Load shard i of n of the artifact version named in ``mid``; refuse a changed artifact."""
-    artifact, sha, i, n = parse_shard_id(mid)
+def read_bank(artifact: str, sha: str) -> tuple[np.ndarray, bool]:
+    """The verified bank of an artifact version (and whether it asks for a faiss GPU index);
+    refuses an artifact that changed since ``sha``."""
     meta = read_meta(artifact, verify=True)
     if meta_sha(artifact) != sha:
         raise ArtifactError(f"{artifact} changed on disk since version {sha[:12]} was published")
     bank = load_tensors(Path(artifact) / "bank.safetensors")["bank"]
+    return bank, bool(meta["config"]["bank"].get("faiss_gpu", True))
+
+
+def load_shard(bank: np.ndarray, faiss_gpu: bool, i: int, n: int) -> LoadedShard:
+    """Shard i of n of a bank (rows ``shard_bounds``)."""
     b = shard_bounds(len(bank), n)
     if i >= len(b) - 1:
         raise ArtifactError(f"shard {i} of {n} does not exist for a bank of {len(bank)} rows")
-    use_gpu = bool(meta["config"]["bank"].get("faiss_gpu", True)) and faiss_gpu_available()
-    return LoadedShard(KNNIndex(bank[b[i]:b[i + 1]], use_gpu=use_gpu), b[i])
+    return LoadedShard(KNNIndex(np.array(bank[b[i]:b[i + 1]]), use_gpu=faiss_gpu and faiss_gpu_available()), b[i])
 
 
 @serve.deployment(name="BankShard")
 class BankShard:
-    """Holds bank shards (faiss GPU index when a GPU is present, CPU otherwise) and answers k-NN."""
+    """Holds bank shards (faiss GPU index when a GPU is present, CPU otherwise) and answers k-NN.
+
+    Shards load from the object store (the bank version the registry verified and published, sent
+    along with each request as ``source``), never from disk: a replica that restarts serves the
+    version it served before, whatever happened to the product's folder since."""
 
     def __init__(self):
         try:  # replicas share a few cores: one OpenMP thread each avoids oversubscription
@@ -78,21 +86,32 @@ class BankShard:
                 faiss.omp_set_num_threads(1)
         except Exception:
             pass
+        self._sources: dict = {}  # multiplex id -> (ObjectRef of the bank, faiss_gpu)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def get_shard(self, mid: str) -> LoadedShard:
-        return await asyncio.to_thread(load_shard, mid)
+        ref, faiss_gpu = self._sources[mid]
+        bank = await ref
+        _, _, i, n = parse_shard_id(mid)
+        return await asyncio.to_thread(load_shard, bank, faiss_gpu, i, n)
 
-    async def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        shard = await self.get_shard(serve.get_multiplexed_model_id())
+    async def _shard(self, source: list) -> LoadedShard:
+        mid = serve.get_multiplexed_model_id()
+        self._sources[mid] = (source[0], bool(source[1]))  # [ObjectRef, faiss_gpu]
+        if len(self._sources) > 256:
+            self._sources.pop(next(iter(self._sources)))
+        return await self.get_shard(mid)
+
+    async def search(self, q: np.ndarray, k: int, source: list) -> tuple[np.ndarray, np.ndarray]:
+        shard = await self._shard(source)
         return await asyncio.to_thread(shard.search, q, k)
 
-    async def vectors(self, local_idx: np.ndarray) -> np.ndarray:
-        shard = await self.get_shard(serve.get_multiplexed_model_id())
+    async def vectors(self, local_idx: np.ndarray, source: list) -> np.ndarray:
+        shard = await self._shard(source)
         return shard.vectors(local_idx)
 
-    async def info(self) -> dict[str, Any]:
-        shard = await self.get_shard(serve.get_multiplexed_model_id())
+    async def info(self, source: list) -> dict[str, Any]:
+        shard = await self._shard(source)
         return {"offset": shard.offset, "size": len(shard.index), "on_gpu": shard.index.on_gpu}
 
 
@@ -109,16 +128,18 @@ class ShardClient(Protocol):
 
 
 class ServeShardClient:
-    """A shard behind the ``BankShard`` deployment, addressed by its multiplex id."""
+    """A shard behind the ``BankShard`` deployment, addressed by its multiplex id; ``source`` is
+    [bank ObjectRef, faiss_gpu] of the published version."""
 
-    def __init__(self, handle, mid: str):
+    def __init__(self, handle, mid: str, source: list):
         self.h = handle.options(multiplexed_model_id=mid)
+        self.source = source
 
     def search(self, q, k):
-        return self.h.search.remote(q, k)
+        return self.h.search.remote(q, k, self.source)
 
     def vectors(self, local_idx):
-        return self.h.vectors.remote(local_idx)
+        return self.h.vectors.remote(local_idx, self.source)
 
 
 class ShardedSearch:

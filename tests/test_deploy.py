@@ -184,6 +184,17 @@ def test_rayservice_manifest_is_valid():
         "serveConfigV2 imports serve.app:build, which serve/app.py must define"
 
 
+def test_rayservice_probes_use_the_service_health_routes():
+    import re
+
+    doc = _load(RAYSERVICE)
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    assert head["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+    routes = set(re.findall(r'@app\.get\("([^"]+)"', (ROOT / "serve" / "app.py").read_text()))
+    assert {"/readyz", "/healthz"} <= routes
+
+
 def test_rayjob_training_setup():
     doc = _load(RAYJOB)
     spec = doc["spec"]

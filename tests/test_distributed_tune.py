@@ -18,7 +18,24 @@ from tocoad_ray.config import ConfigError, load_config
 from tocoad_ray.data import DataError
 from tocoad_ray.search_space import apply, load_plan
 
-from .ray_fixtures import TINY, ray_local, tiny_data  # noqa: F401
+from .ray_fixtures import TINY, tiny_data
+
+
+
+@pytest.fixture(scope="module")
+def ray_local():  # noqa: F811
+    """A local Ray with the dashboard: Ray Train frees the placement group of a trial ASHA stopped
+    mid-stage only when the state API can tell that its controller died (as ``tocoad tune`` does)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=8, include_dashboard=True, object_store_memory=600 * 1024 * 1024, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {**TINY, "distributed.num_workers": 1, "distributed.data_tasks": 1, "distributed.category_memory_gb": 1.0,

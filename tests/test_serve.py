@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -23,6 +24,7 @@ TINY = {"data.image_size": 128, "data.crop_size": 112, "bank.coreset_ratio": 0.0
         "bank.batch_size": 8}
 MAX_BYTES = 2_000_000
 MAX_PIXELS = 4_000_000
+BODY_TIMEOUT_S = 2.0
 
 
 # ---------------------------------------------------------------- ShardedSearch without Ray
@@ -112,7 +114,7 @@ def _write_config(path: Path, tiny, **extra) -> None:
                      {"name": "fixed", "artifact": str(tiny["a"]), "shards": 2, "threshold": 1.5}],
         "artifacts_dir": str(tiny["base"] / "live"),
         "poll_interval_s": 0.5, "snapshot_ttl_s": 0.2,
-        "max_upload_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS,
+        "max_upload_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "body_timeout_s": BODY_TIMEOUT_S,
         "backbone": {"num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1, "max_batch_size": 4},
         "shards": {"num_cpus": 0.1, "min_replicas": 2, "max_replicas": 2},
         "ingress": {"num_cpus": 0.1}, "registry": {"num_cpus": 0.1},
@@ -141,8 +143,10 @@ def service(tiny):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({}, {"watch_file": str(cfg)}), name="tocoad", route_prefix="/")
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        # right after start the products are still loading: what do a scorer and a probe see?
+        early = {"score": client.post("/v1/products/b3/score", content=b"x"), "ready": client.get("/readyz")}
         _wait(lambda: {p["product"] for p in client.get("/v1/products").json()["products"]} >= {"b1", "b3", "fixed"})
-        yield {"client": client, "url": f"http://127.0.0.1:{port}", "config": cfg}
+        yield {"client": client, "url": f"http://127.0.0.1:{port}", "config": cfg, "early": early, "port": port}
         client.close()
     finally:
         try:
@@ -219,6 +223,9 @@ def test_maps(service, reference):
 def test_products_health_threshold(service, reference):
     c = service["client"]
     assert c.get("/healthz").json()["status"] == "ok"
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert {p["product"] for p in ready.json()["products"] if p["state"] == "ready"} >= {"b1", "b3", "fixed"}
     prods = {p["product"]: p for p in c.get("/v1/products").json()["products"]}
     assert [s["size"] for s in prods["b3"]["shards"]] and len(prods["b3"]["shards"]) == 3
     assert sum(s["size"] for s in prods["b3"]["shards"]) == prods["b1"]["bank_size"]
@@ -265,7 +272,7 @@ def test_bad_input_then_good(service, reference):
                         ("/v1/products/b1/score?threshold=abc", 400)]:
         r = c.post(url, content=good)
         assert r.status_code == status, (url, r.text)
-        assert set(r.json()) == {"error", "detail"}, url
+        assert set(r.json()) == {"error", "detail", "request_id"}, url
     assert c.post("/v1/products/b1/score", content=good).status_code == 200
 
 
@@ -283,14 +290,205 @@ def test_image_modes_work(service, reference, mode):
     assert np.isfinite(r.json()["score"])
 
 
+# ---------------------------------------------------------------- hostile input: no internals in any body
+INTERNALS = [re.compile(p) for p in (r"(?<![\w.])/(tmp|home|root|usr|work|var|opt|proc)\b", r"site-packages",
+                                      r"Traceback", r"\x1b\[", r"\bpid\b", r"\b\d{1,3}(\.\d{1,3}){3}\b",
+                                      r"[Aa]ctor(_id| id|Id)", r"File \"")]
+
+
+def _no_internals(text: str, where: str) -> None:
+    for rx in INTERNALS:
+        assert not rx.search(text), f"{where}: body leaks internals ({rx.pattern}): {text[:300]}"
+
+
+def _raw_http(port: int, head: bytes, body: bytes, *, close_after: float | None = None, read_timeout: float = 30.0):
+    """Send a request by hand (a slow or vanishing client); return (status, body) or None if we hung up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+        sock.sendall(head + body)
+        if close_after is not None:
+            time.sleep(close_after)
+            return None
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        status = int(data.split(b" ", 2)[1])
+        headers, _, rest = data.partition(b"\r\n\r\n")
+        m = re.search(rb"content-length: *(\d+)", headers, re.I)
+        while m and len(rest) < int(m.group(1)):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return status, rest
+
+
+def test_every_error_body_is_clean_and_carries_a_request_id(service, reference):
+    c = service["client"]
+    good = Path(reference["paths"][0]).read_bytes()
+    cases = [(name, "/v1/products/b3/score", kw, status, code) for name, kw, status, code in _bad_cases(good)]
+    cases += [
+        ("two file parts", "/v1/products/b1/score", {"files": [("file", ("a.png", good)), ("file", ("b.png", good))]},
+         400, "ambiguous_upload"),
+        ("unknown product", "/v1/products/nope/score", {"content": good}, 404, "unknown_product"),
+        ("bad name", "/v1/products/bad$name/score", {"content": good}, 400, "invalid_product"),
+        ("bad map", "/v1/products/b1/score?map=jpeg", {"content": good}, 400, "invalid_parameter"),
+        ("bad threshold", "/v1/products/b1/score?threshold=abc", {"content": good}, 400, "invalid_parameter"),
+        ("no route", "/v1/nothing", {"content": good}, 404, "not_found"),
+        ("bad multipart", "/v1/products/b1/score",
+         {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, None),
+    ]
+    for name, url, kw, status, code in cases:
+        r = c.post(url, **kw)
+        assert r.status_code == status, (name, r.text)
+        body = r.json()
+        assert set(body) == {"error", "detail", "request_id"}, name
+        assert (code is None or body["error"] == code) and body["detail"], (name, body)
+        assert body["request_id"] and r.headers["x-request-id"] == body["request_id"], name
+        _no_internals(r.text, name)
+    r = c.get("/v1/products/b1/score")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    bomb = c.post("/v1/products/b1/score", content=_png(Image.new("1", (3000, 3000)))).json()
+    assert f"{MAX_PIXELS:,}" in bomb["detail"] and "200" not in bomb["detail"], bomb  # the configured limit
+    for route in ("/healthz", "/readyz", "/v1/products"):
+        _no_internals(c.get(route).text, route)
+    assert c.post("/v1/products/b1/score", content=good).status_code == 200
+
+
+def test_slow_body_gets_408_and_a_vanished_client_is_not_a_backend_failure(service, reference):
+    import ray
+    from ray import serve
+
+    port = service["port"]
+    good = Path(reference["paths"][0]).read_bytes()
+    head = (f"POST /v1/products/b1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(good)}\r\n\r\n").encode()
+    t = time.monotonic()
+    status, body = _raw_http(port, head, good[:1000])  # then nothing: a stalled upload
+    assert status == 408 and json.loads(body)["error"] == "body_timeout", body
+    assert BODY_TIMEOUT_S <= time.monotonic() - t < BODY_TIMEOUT_S + 20
+
+    ingress = serve.get_deployment_handle("Ingress", app_name="tocoad")
+    before = ingress.stats.remote().result()
+    _raw_http(port, head, good[:1000], close_after=0.3)  # the client gives up mid-upload
+    _wait(lambda: ingress.stats.remote().result().get("client_disconnected", 0)
+          > before.get("client_disconnected", 0), timeout=30)
+    after = ingress.stats.remote().result()
+    assert after.get("backend_unavailable", 0) == before.get("backend_unavailable", 0)
+    assert service["client"].post("/v1/products/b1/score", content=good).status_code == 200
+    del ray
+
+
+def test_products_are_never_404_while_loading(service):
+    """Captured by the fixture right after start: the configured product was loading."""
+    score, ready = service["early"]["score"], service["early"]["ready"]
+    assert score.status_code in (503, 400), score.text  # 400 only if b3 had loaded (the body is no image)
+    if score.status_code == 503:
+        assert score.json()["error"] == "product_loading" and int(score.headers["retry-after"]) >= 1
+        assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+        assert any(p["state"] == "loading" for p in ready.json()["products"])
+
+
+def test_docs_are_served_from_local_assets(service):
+    c = service["client"]
+    html = c.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in html and "cdn" not in html.lower()
+    js = c.get("/docs-assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    assert c.get("/docs-assets/..%2Fmeta.json").status_code == 404
+
+
+def _place(src: Path, dst: Path, corrupt: bool = False) -> None:
+    """Put a copy of an artifact at ``dst`` in one rename (optionally with a corrupt bank), so the
+    registry never sees an intermediate state."""
+    tmp = dst.parent.parent / f".staging-{dst.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _copy_artifact(src, tmp, corrupt)
+    os.rename(tmp, dst)
+
+
+def _shard_replicas() -> list[str]:
+    """Names of the live BankShard replica actors (GCS directory: no dashboard needed)."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and "BankShard" in a["name"])
+
+
+def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_version(service, tiny, reference):
+    import ray
+
+    c = service["client"]
+    live = tiny["base"] / "live"
+    img = Path(reference["paths"][-1]).read_bytes()
+
+    def state(name):
+        return {s["product"]: s for s in c.get("/v1/products").json()["states"]}.get(name)
+
+    # a product that never loads: unavailable with the kind of failure, readiness fails, 503 not 404
+    broken = live / "broken"
+    _place(tiny["a"], broken, corrupt=True)
+    _wait(lambda: (state("broken") or {}).get("state") == "unavailable")
+    assert state("broken")["reason"]["kind"] == "corrupt_artifact"
+    r = c.get("/readyz")
+    assert r.status_code == 503 and "broken" in r.text
+    r = c.post("/v1/products/broken/score", content=img)
+    assert r.status_code == 503 and r.json()["error"] == "product_unavailable" and r.headers["retry-after"]
+    _no_internals(r.text, "product_unavailable")
+    # fixed: the error clears, it scores, readiness recovers
+    shutil.rmtree(broken)
+    _place(tiny["a"], broken)
+    _wait(lambda: (state("broken") or {}).get("state") == "ready")
+    assert c.post("/v1/products/broken/score", content=img).status_code == 200
+    assert "broken" not in c.get("/v1/products").json()["errors"]
+    # removed: forgotten, 404
+    shutil.rmtree(broken)
+    _wait(lambda: state("broken") is None)
+    assert c.post("/v1/products/broken/score", content=img).status_code == 404
+    _wait(lambda: c.get("/readyz").status_code == 200)
+
+    # the published version survives a corrupt replacement on disk AND a restarted shard replica
+    kp = live / "kp"
+    _place(tiny["a"], kp)
+    _wait(lambda: (state("kp") or {}).get("state") == "ready")
+    first = c.post("/v1/products/kp/score", content=img).json()
+    _copy_artifact(tiny["b"], kp, corrupt=True)  # the published version's files are overwritten
+    _wait(lambda: "update_error" in (state("kp") or {}))
+    assert state("kp")["state"] == "ready" and state("kp")["update_error"]["kind"] == "corrupt_artifact"
+    replicas = _shard_replicas()
+    assert replicas
+    for name in replicas:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    _wait(lambda: _shard_replicas() and all(x not in replicas for x in _shard_replicas()), timeout=90)
+
+    def scores_old():
+        r = c.post("/v1/products/kp/score", content=img)
+        if r.status_code != 200:  # replicas restarting: a clean 503, never internals
+            assert r.status_code == 503 and set(r.json()) == {"error", "detail", "request_id"}, r.text
+            _no_internals(r.text, "during restart")
+        return r.status_code == 200 and r.json()["model_version"] == first["model_version"]
+
+    _wait(scores_old, timeout=90)
+    again = c.post("/v1/products/kp/score", content=img).json()
+    assert again["score"] == pytest.approx(first["score"], rel=1e-6)
+    assert c.get("/readyz").status_code == 200  # still scoreable: ready, with the rejected update shown
+    shutil.rmtree(kp)
+    _wait(lambda: state("kp") is None)
+
+
 # ---------------------------------------------------------------- hot reload
-def _copy_artifact(src: Path, dst: Path) -> None:
-    """Copy payload files first and meta.json last, as the artifact writer does."""
+def _copy_artifact(src: Path, dst: Path, corrupt: bool = False) -> None:
+    """Copy payload files first and meta.json last, as the artifact writer does (``corrupt``: the
+    bank's bytes are not the ones meta.json lists)."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != "meta.json":
             shutil.copy2(f, dst / (f.name + ".tmp"))
             os.replace(dst / (f.name + ".tmp"), dst / f.name)
+    if corrupt:
+        (dst / "bank.safetensors").write_bytes(b"corrupt: not the bytes meta.json lists")
     shutil.copy2(src / "meta.json", dst / "meta.json.tmp")
     os.replace(dst / "meta.json.tmp", dst / "meta.json")
 
@@ -345,25 +543,31 @@ def test_auth_token(service, tiny, reference):
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-def test_web_page_in_headless_chromium(service, reference, tmp_path):
+def test_web_page_in_headless_chromium(service, reference, tiny, tmp_path):
+    """One image (score, verdict, heatmap, legend), then a batch of 10 (table, histogram, slider that
+    re-colours verdicts without scoring again). Screenshots go to $TOCOAD_SCREENSHOTS (README)."""
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    from ray import serve
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    shots = Path(os.environ.get("TOCOAD_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
+              "--window-size=1280,1500", f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
         opts.add_argument(a)
     drv = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
     try:
         drv.set_page_load_timeout(60)
         drv.get(service["url"] + "/")
-        wait = WebDriverWait(drv, 60)
+        wait = WebDriverWait(drv, 120)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#product option")) >= 3)
+        assert "b3: ready" in drv.find_element(By.ID, "states").text
         Select(drv.find_element(By.ID, "product")).select_by_value("b3")
         img = reference["paths"][-1]  # a defective bottle
         drv.find_element(By.ID, "file").send_keys(str(Path(img).resolve()))
@@ -376,5 +580,46 @@ def test_web_page_in_headless_chromium(service, reference, tmp_path):
         heat = drv.find_element(By.ID, "heatmap")
         wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", heat) > 0)
         assert heat.get_attribute("src").startswith("data:image/png;base64,")
+        assert heat.size["width"] >= 600  # readable, not a thumbnail
+        legend_ink = drv.execute_script(
+            "const c = arguments[0], d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            "let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n;", drv.find_element(By.ID, "legend"))
+        assert legend_ink > 5000
+        drv.save_screenshot(str(shots / "page-single.png"))
+
+        # an error clears the previous result
+        bad = tmp_path / "not-an-image.png"
+        bad.write_bytes(b"definitely not a png")
+        drv.find_element(By.ID, "file").clear()
+        drv.find_element(By.ID, "file").send_keys(str(bad))
+        drv.find_element(By.ID, "submit").click()
+        wait.until(lambda d: "unsupported_media" in d.find_element(By.ID, "status").text)
+        assert drv.find_element(By.ID, "score").text == "–" and not drv.find_element(By.ID, "heatmap").is_displayed()
+
+        # a batch of 10: table, sortable, histogram, threshold slider
+        batch = [Path(p).resolve() for p in reference["paths"]]
+        batch += sorted(p.resolve() for p in (tiny["root"] / CATEGORY / "train" / "good").iterdir())[:10 - len(batch)]
+        assert len(batch) == 10
+        drv.find_element(By.ID, "file").clear()
+        drv.find_element(By.ID, "file").send_keys("\n".join(map(str, batch)))
+        drv.find_element(By.ID, "submit").click()
+        wait.until(lambda d: "10 image(s) scored" in d.find_element(By.ID, "status").text)
+        rows = drv.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+        assert len(rows) == 10
+        drv.find_element(By.CSS_SELECTOR, "th[data-key=score]").click()
+        shown = [float(r.find_elements(By.TAG_NAME, "td")[2].text) for r in
+                 drv.find_elements(By.CSS_SELECTOR, "#results tbody tr")]
+        assert shown == sorted(shown)
+        assert "10 image(s)" in drv.find_element(By.ID, "histinfo").text
+        drv.save_screenshot(str(shots / "page-batch.png"))
+        ingress = serve.get_deployment_handle("Ingress", app_name="tocoad")
+        scored = ingress.stats.remote().result().get("200", 0)
+        slider = drv.find_element(By.ID, "thrslider")
+        for end, verdict in (("min", "ANOMALOUS"), ("max", "normal")):
+            drv.execute_script(f"arguments[0].value = arguments[0].{end}; arguments[0].dispatchEvent(new Event('input'));",
+                               slider)
+            verdicts = {td.text for td in drv.find_elements(By.CSS_SELECTOR, "#results td.verdict")}
+            assert verdicts == {verdict}, (end, verdicts)
+        assert ingress.stats.remote().result().get("200", 0) == scored  # re-coloured, not re-scored
     finally:
         drv.quit()
