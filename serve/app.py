@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 
 from tocoad_ray import __version__
-from tocoad_ray.bank.scoring import anomaly_maps, patch_scores, reweighted_image_scores
+from tocoad_ray.bank.scoring import anomaly_maps, score_patches
 from tocoad_ray.config import DataConfig, from_dict as cfg_from_dict
 from tocoad_ray.data import DataError, Preprocess
 from tocoad_ray.data.image_io import decode_image_bytes
@@ -100,6 +100,7 @@ def _public(info: dict[str, Any]) -> dict[str, Any]:
         "product": info["name"], "model_version": info["version"], "created": info["created"],
         "method": info["method"], "backbone": info["backbone"], "layers": info["layers"],
         "bank_size": info["bank_size"], "feature_dim": info["feature_dim"], "input_size": info["input_size"],
+        "index": info["index"], "bank_format": info["bank_format"], "bank_bytes_in_memory": info["bank_bytes"],
         "threshold": info["threshold"], "threshold_source": info["threshold_source"],
         "score_stats": info["score_stats"],
         "shards": [{"offset": s["offset"], "size": s["size"]} for s in info["shards"]],
@@ -171,6 +172,49 @@ async def read_upload(request: Request, limit: int, timeout_s: float) -> bytes:
     if not data:
         raise ServeError(400, "empty_body", "the request carried no image bytes (raw body or multipart field 'file')")
     return data
+
+
+async def read_uploads(request: Request, limit: int, max_images: int, timeout_s: float) -> list[tuple[str, bytes]]:
+    """A batch: multipart fields ``files`` (or ``file``), at most ``max_images``, each at most
+    ``limit`` bytes; returns (filename, bytes) in order."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ServeError(415, "multipart_required", "send the images as multipart fields named 'files'")
+    cap = max_images * (limit + MULTIPART_SLACK)
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > cap:
+        raise ServeError(413, "payload_too_large", f"a batch of {cl} bytes exceeds {max_images} × {limit} bytes")
+    buf = bytearray()
+
+    async def receive() -> None:
+        async for chunk in request.stream():
+            buf.extend(chunk)
+            if len(buf) > cap:
+                raise ServeError(413, "payload_too_large", f"the batch exceeds {max_images} × {limit} bytes")
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ServeError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                                              "(body_timeout_s)", {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    request._body = bytes(buf)
+    try:
+        form = await request.form(max_files=max_images + 1, max_fields=max_images + 8)
+    except Exception as e:
+        log.info("request %s: unparsable multipart body: %s", request_id(), e)
+        raise ServeError(400, "bad_multipart", "the multipart body cannot be parsed (or has too many parts)") from e
+    parts = form.getlist("files") + form.getlist("file")
+    if not parts:
+        raise ServeError(400, "missing_file", "the batch has no 'files' fields")
+    if len(parts) > max_images:
+        raise ServeError(413, "too_many_images", f"{len(parts)} images in one request; this service takes at most "
+                                                 f"{max_images} (max_batch_images)")
+    out = []
+    for f in parts:
+        data = await f.read() if hasattr(f, "read") else str(f).encode()
+        out.append((getattr(f, "filename", None) or "", data))
+    return out
 
 
 def downsample(amap: np.ndarray, size: int) -> np.ndarray:
@@ -319,7 +363,8 @@ class Ingress:
         self.m_latency.observe(1000 * (time.perf_counter() - t0), tags={"product": tag})
         return out
 
-    async def _score(self, product: str, request: Request, map_mode: str | None, threshold: float | None):
+    async def _product(self, product: str, request: Request, map_mode: str | None, threshold: float | None):
+        """Validate the request line and find the product's published version (or say why not)."""
         if not valid_product_name(product):
             raise ServeError(400, "invalid_product", "product names are letters, digits, '_', '.', '-' (max 64)")
         if map_mode not in (None, "", "png", "array", "none"):
@@ -341,46 +386,104 @@ class Ingress:
                 raise ServeError(503, "product_loading", f"product {product!r} is still loading; retry shortly", retry)
             raise ServeError(503, "product_unavailable", f"product {product!r} is unavailable ({st['kind']}): "
                                                          f"{st['message']}", retry)
-        settings = snap["settings"]
+        return info, snap["settings"]
+
+    def _prepare(self, info, settings, data: bytes) -> torch.Tensor:
+        try:
+            return self._preprocess(info).image(decode_image_bytes(data, settings["max_pixels"]))
+        except DataError as e:
+            raise from_data_error(e, settings["max_pixels"]) from e
+
+    async def _embed(self, info, x: torch.Tensor):
+        return await self.backbone.options(multiplexed_model_id=info["backbone_id"]).embed.remote(
+            x.numpy(), info["model_source"])
+
+    async def _score(self, product: str, request: Request, map_mode: str | None, threshold: float | None):
+        info, settings = await self._product(product, request, map_mode, threshold)
         data = await read_upload(request, settings["max_upload_bytes"], settings["body_timeout_s"])
         loop = asyncio.get_running_loop()
-        pre = self._preprocess(info)
+        x = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
+        rows, grid = await self._embed(info, x)
+        out = await loop.run_in_executor(self._pool, self._finish, info, [x], [rows], grid, map_mode, threshold,
+                                         settings)
+        return out[0]
 
-        def prepare() -> torch.Tensor:
+    @app.post("/v1/products/{product}/score-batch",
+              summary="score up to max_batch_images images in one request (multipart fields 'files')")
+    async def score_batch(self, product: str, request: Request, map: str | None = None,
+                          threshold: float | None = None):
+        """Every image gets an answer in ``results`` (same order): its score, or its own error while
+        the others are scored. One search fan-out covers the whole batch."""
+        tag = product if valid_product_name(product) else "_invalid"
+        try:
+            info, settings = await self._product(product, request, map, threshold)
+            files = await read_uploads(request, settings["max_upload_bytes"], settings["max_batch_images"],
+                                       settings["body_timeout_s"])
+        except ServeError as e:
+            self._count(tag if e.status != 404 else "_unknown", str(e.status), e.code)
+            raise
+        except (ClientGone, asyncio.CancelledError):
+            self._count(tag, "499", "client_disconnected")
+            raise
+        loop = asyncio.get_running_loop()
+        results: list[dict[str, Any]] = [{"index": i, "filename": name} for i, (name, _) in enumerate(files)]
+        xs: dict[int, torch.Tensor] = {}
+        for i, (_, data) in enumerate(files):
             try:
-                return pre.image(decode_image_bytes(data, settings["max_pixels"]))
-            except DataError as e:
-                raise from_data_error(e, settings["max_pixels"]) from e
+                if len(data) > settings["max_upload_bytes"]:
+                    raise ServeError(413, "payload_too_large", f"image of {len(data)} bytes exceeds the limit of "
+                                                               f"{settings['max_upload_bytes']} bytes")
+                xs[i] = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
+            except ServeError as e:
+                results[i].update(error=e.code, detail=e.detail)
+        try:
+            good = sorted(xs)
+            embedded = await asyncio.gather(*(self._embed(info, xs[i]) for i in good))
+            scored = await loop.run_in_executor(self._pool, self._finish, info, [xs[i] for i in good],
+                                                [r for r, _ in embedded], embedded[0][1] if embedded else None, map,
+                                                threshold, settings) if good else []
+        except Exception as e:
+            rid = request_id()
+            log.error("request %s: batch scoring %r failed: %s: %s", rid, tag, type(e).__name__, e, exc_info=e)
+            self._count(tag, "503", "backend_unavailable")
+            raise ServeError(503, "backend_unavailable", "a scoring backend failed or restarted during this request; "
+                                                         "retry it", {"Retry-After": "1"}) from e
+        for i, r in zip(good, scored):
+            results[i].update(r)
+        self._count(tag, "200")
+        return {"product": info["name"], "model_version": info["version"], "n": len(results),
+                "n_failed": len(results) - len(good), "results": results}
 
-        x = await loop.run_in_executor(self._pool, prepare)
-        rows, (h, w) = await self.backbone.options(multiplexed_model_id=info["backbone_id"]).embed.remote(
-            x.numpy(), info["model_source"])
-        return await loop.run_in_executor(self._pool, self._finish, info, x, rows, (h, w), map_mode, threshold,
-                                          settings)
-
-    def _finish(self, info, x, rows, grid, map_mode, threshold, settings) -> dict[str, Any]:
-        """Eq. 8/9 and the map over the sharded bank — the same calls as MemoryBank.score/Detector.score."""
+    def _finish(self, info, xs, rows_list, grid, map_mode, threshold, settings) -> list[dict[str, Any]]:
+        """Eq. 8/9 and the maps over the sharded bank for one or more images (one search fan-out) —
+        the same calls as MemoryBank.score/Detector.score."""
         search = ShardedSearch([ServeShardClient(self.shard, s["id"], info["bank_source"]) for s in info["shards"]],
-                               [s["offset"] for s in info["shards"]], info["feature_dim"])
-        s_prime, nn = patch_scores(search, rows)
-        score = float(reweighted_image_scores(search, rows, s_prime, nn, 1, info["num_neighbors"])[0])
+                               [s["offset"] for s in info["shards"]], info["feature_dim"],
+                               approximate=info["index"] != "exact")
+        n = len(rows_list)
+        scores, s_prime = score_patches(search, np.concatenate(rows_list), n, info["num_neighbors"])
         thr = float(threshold) if threshold is not None else info["threshold"]
-        out = {"product": info["name"], "score": score, "anomalous": bool(score >= thr), "threshold": thr,
-               "threshold_source": "request" if threshold is not None else info["threshold_source"],
-               "model_version": info["version"], "model_created": info["created"],
-               "shards": len(info["shards"])}
-        if map_mode in ("png", "array"):
-            h, w = grid
-            amap = anomaly_maps(s_prime.reshape(1, h, w), x.shape[-1], info["blur_sigma"])[0]
-            if map_mode == "png":
-                pre = self._preprocess(info)
-                png = encode_png(heatmap_overlay(pre.denormalize(x), amap, info["score_stats"], thr))
-                out["map_png"] = base64.b64encode(png).decode()
-            else:
-                small = downsample(amap, settings["map_array_size"])
-                out["map"] = np.round(small, 4).tolist()
-                out["map_shape"] = list(small.shape)
-                out["map_max"] = float(amap.max())
+        h, w = grid
+        out = []
+        for j, x in enumerate(xs):
+            score = float(scores[j])
+            o = {"product": info["name"], "score": score, "anomalous": bool(score >= thr), "threshold": thr,
+                 "threshold_source": "request" if threshold is not None else info["threshold_source"],
+                 "model_version": info["version"], "model_created": info["created"],
+                 "shards": len(info["shards"])}
+            if map_mode in ("png", "array"):
+                amap = anomaly_maps(s_prime[j * h * w:(j + 1) * h * w].reshape(1, h, w), x.shape[-1],
+                                    info["blur_sigma"])[0]
+                if map_mode == "png":
+                    pre = self._preprocess(info)
+                    o["map_png"] = base64.b64encode(encode_png(heatmap_overlay(pre.denormalize(x), amap,
+                                                                               info["score_stats"], thr))).decode()
+                else:
+                    small = downsample(amap, settings["map_array_size"])
+                    o["map"] = np.round(small, 4).tolist()
+                    o["map_shape"] = list(small.shape)
+                    o["map_max"] = float(amap.max())
+            out.append(o)
         return out
 
 

@@ -41,7 +41,8 @@ def load_patch_model(mid: str, device: str | None = None) -> PatchModel:
                             f"{bb['weights_sha256'][:12]}… the bank was built with")
     ap = Path(artifact) / "adapter.safetensors"
     adapter = load_adapter(ap) if ap.is_file() else None
-    return PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=resolve_device(device or cfg.bank.device))
+    return PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=resolve_device(device or cfg.bank.device),
+                      fast=cfg.backbone.fast_inference)
 
 
 def model_bundle(model: PatchModel, device: str) -> dict:
@@ -49,6 +50,7 @@ def model_bundle(model: PatchModel, device: str) -> dict:
     rebuilds exactly this version, whatever happened to the files since."""
     ex = model.extractor
     return {"name": ex.name, "layers": list(ex.layers), "patch_size": model.patch_size, "device": device,
+            "fast": model.fast,
             "weights_sha256": ex.weights_sha256,
             "body": {k: v.detach().cpu().numpy() for k, v in ex.body.state_dict().items()},
             "adapter": None if model.adapter is None else
@@ -66,7 +68,8 @@ def model_from_bundle(bundle: dict) -> PatchModel:
         raise ArtifactError("backbone weights from the object store do not match their checksum")
     adapter = None if bundle["adapter"] is None else PatchAdapter.from_state_dict(
         {k: torch.from_numpy(np.array(v)) for k, v in bundle["adapter"].items()})
-    return PatchModel(extractor, bundle["patch_size"], adapter=adapter, device=resolve_device(bundle["device"]))
+    return PatchModel(extractor, bundle["patch_size"], adapter=adapter, device=resolve_device(bundle["device"]),
+                      fast=bundle.get("fast", False))
 
 
 @serve.deployment(name="Backbone")

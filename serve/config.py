@@ -77,6 +77,7 @@ class ServeConfig:
     max_upload_bytes: int = 16 << 20
     max_pixels: int = 40_000_000
     body_timeout_s: float = 30.0  # a request body that has not fully arrived by then is answered 408
+    max_batch_images: int = 16  # POST .../score-batch: images per request
     auth_token: str | None = None  # bearer token for scoring routes; env TOCOAD_SERVE_TOKEN wins
     map_array_size: int = 32  # ?map=array is downsampled to at most this many cells per side
     backbone: BackboneDeployment = field(default_factory=BackboneDeployment)
@@ -133,6 +134,8 @@ def from_dict(data: dict[str, Any] | None) -> ServeConfig:
         raise ConfigError("config.poll_interval_s must be > 0")
     if cfg.body_timeout_s <= 0:
         raise ConfigError("config.body_timeout_s must be > 0")
+    if cfg.max_batch_images < 1:
+        raise ConfigError("config.max_batch_images must be >= 1")
     return cfg
 
 

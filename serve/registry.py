@@ -130,21 +130,20 @@ class Registry:
         meta = read_meta(artifact, verify=True)
         bid = backbone_id(artifact, sha)
         model = load_patch_model(bid, device="cpu")
-        bank, faiss_gpu = read_bank(artifact, sha)
+        bank, index = read_bank(artifact, sha)
         if meta_sha(artifact) != sha:
             raise RuntimeError("artifact changed while loading; retrying on the next poll")
         cfg = meta["config"]
         # the verified version goes to the object store; replicas (also restarted ones) load it from there
         model_src = [ray.put(model_bundle(model, cfg["bank"].get("device", "auto")))]
-        bank_src = [ray.put(np.ascontiguousarray(bank)), faiss_gpu]
+        bank_src = [ray.put(np.ascontiguousarray(bank)), index]
         del model, bank
         bounds = shard_bounds(int(meta["bank_size"]), shards)
         ids = [shard_id(artifact, sha, i, len(bounds) - 1) for i in range(len(bounds) - 1)]
         # warm everything before publishing, so the swap never exposes a half-loaded version
         pending = [self.backbone.options(multiplexed_model_id=bid).warm.remote(model_src)]
         pending += [self.shard.options(multiplexed_model_id=m).info.remote(bank_src) for m in ids]
-        for r in pending:
-            r.result(timeout_s=WARM_TIMEOUT_S)
+        warmed = [r.result(timeout_s=WARM_TIMEOUT_S) for r in pending]
         return {
             "name": name, "artifact": artifact, "sha": sha, "version": sha[:12], "created": meta.get("created"),
             "method": meta.get("method"), "category": meta.get("category"),
@@ -157,6 +156,8 @@ class Registry:
             "input_size": int(meta["input_size"]), "grid": meta.get("grid"), "data": cfg["data"],
             "num_neighbors": int(cfg["bank"]["num_neighbors"]), "blur_sigma": float(cfg["bank"]["blur_sigma"]),
             "backbone_id": bid, "model_source": model_src, "bank_source": bank_src,
+            "index": warmed[1]["index"], "bank_format": meta.get("bank_format", "float32"),
+            "bank_bytes": int(sum(w["bytes"] for w in warmed[1:])),
             "shards": [{"id": m, "offset": bounds[i], "size": bounds[i + 1] - bounds[i]} for i, m in enumerate(ids)],
             "loaded_at": time.time(),
             "_key": (artifact, sha, shards, threshold),
@@ -173,6 +174,7 @@ class Registry:
                 "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                 "map_array_size": cfg.map_array_size, "snapshot_ttl_s": cfg.snapshot_ttl_s,
                 "body_timeout_s": cfg.body_timeout_s, "poll_interval_s": cfg.poll_interval_s,
+                "max_batch_images": cfg.max_batch_images,
                 "auth_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
             },
         }

@@ -18,6 +18,8 @@ from ray import serve
 
 from tocoad_ray.artifact import ArtifactError, load_tensors, read_meta
 from tocoad_ray.bank.knn import KNNIndex, faiss_gpu_available
+from tocoad_ray.bank.memory_bank import bank_from_tensors
+from tocoad_ray.bank.quantize import SQ8
 
 
 def shard_bounds(n: int, shards: int) -> list[int]:
@@ -48,26 +50,41 @@ class LoadedShard:
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(q, k)
 
+    def exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.exact_search(q, k)
+
     def vectors(self, local_idx: np.ndarray) -> np.ndarray:
-        return self.index.bank[local_idx]
+        return self.index.vectors(local_idx)
 
 
-def read_bank(artifact: str, sha: str) -> tuple[np.ndarray, bool]:
-    """The verified bank of an artifact version (and whether it asks for a faiss GPU index);
+def read_bank(artifact: str, sha: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The verified bank of an artifact version and its index settings (faiss GPU, search kind);
     refuses an artifact that changed since ``sha``."""
     meta = read_meta(artifact, verify=True)
     if meta_sha(artifact) != sha:
         raise ArtifactError(f"{artifact} changed on disk since version {sha[:12]} was published")
-    bank = load_tensors(Path(artifact) / "bank.safetensors")["bank"]
-    return bank, bool(meta["config"]["bank"].get("faiss_gpu", True))
+    b = meta["config"]["bank"]
+    index = {"faiss_gpu": bool(b.get("faiss_gpu", True)), "kind": b.get("search", "exact"),
+             "nlist": int(b.get("ivf_nlist", 0)), "nprobe": int(b.get("ivf_nprobe", 8))}
+    try:  # the same format checks as load_detector
+        bank = bank_from_tensors(load_tensors(Path(artifact) / "bank.safetensors"), meta.get("bank_format", "float32"),
+                                 int(meta["feature_dim"]), f"{artifact}/bank.safetensors", search="exact")
+    except ValueError as e:
+        raise ArtifactError(str(e)) from e
+    if bank.sq8 is not None:
+        index["sq8_trained"] = bank.sq8.trained
+    return bank.bank, index
 
 
-def load_shard(bank: np.ndarray, faiss_gpu: bool, i: int, n: int) -> LoadedShard:
-    """Shard i of n of a bank (rows ``shard_bounds``)."""
+def load_shard(bank: np.ndarray, index: dict[str, Any], i: int, n: int) -> LoadedShard:
+    """Shard i of n of a bank (rows ``shard_bounds``), indexed as the artifact asks (``read_bank``)."""
     b = shard_bounds(len(bank), n)
     if i >= len(b) - 1:
         raise ArtifactError(f"shard {i} of {n} does not exist for a bank of {len(bank)} rows")
-    return LoadedShard(KNNIndex(np.array(bank[b[i]:b[i + 1]]), use_gpu=faiss_gpu and faiss_gpu_available()), b[i])
+    sq8 = SQ8(np.asarray(index["sq8_trained"], dtype=np.float32)) if "sq8_trained" in index else None
+    knn = KNNIndex(np.array(bank[b[i]:b[i + 1]]), use_gpu=index["faiss_gpu"] and faiss_gpu_available(),
+                   kind=index["kind"], nlist=index["nlist"], nprobe=index["nprobe"], sq8=sq8)
+    return LoadedShard(knn, b[i])
 
 
 @serve.deployment(name="BankShard")
@@ -86,18 +103,18 @@ class BankShard:
                 faiss.omp_set_num_threads(1)
         except Exception:
             pass
-        self._sources: dict = {}  # multiplex id -> (ObjectRef of the bank, faiss_gpu)
+        self._sources: dict = {}  # multiplex id -> (ObjectRef of the bank, index settings)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def get_shard(self, mid: str) -> LoadedShard:
-        ref, faiss_gpu = self._sources[mid]
+        ref, index = self._sources[mid]
         bank = await ref
         _, _, i, n = parse_shard_id(mid)
-        return await asyncio.to_thread(load_shard, bank, faiss_gpu, i, n)
+        return await asyncio.to_thread(load_shard, bank, index, i, n)
 
     async def _shard(self, source: list) -> LoadedShard:
         mid = serve.get_multiplexed_model_id()
-        self._sources[mid] = (source[0], bool(source[1]))  # [ObjectRef, faiss_gpu]
+        self._sources[mid] = (source[0], dict(source[1]))  # [ObjectRef, index settings]
         if len(self._sources) > 256:
             self._sources.pop(next(iter(self._sources)))
         return await self.get_shard(mid)
@@ -106,13 +123,18 @@ class BankShard:
         shard = await self._shard(source)
         return await asyncio.to_thread(shard.search, q, k)
 
+    async def exact_search(self, q: np.ndarray, k: int, source: list) -> tuple[np.ndarray, np.ndarray]:
+        shard = await self._shard(source)
+        return await asyncio.to_thread(shard.exact_search, q, k)
+
     async def vectors(self, local_idx: np.ndarray, source: list) -> np.ndarray:
         shard = await self._shard(source)
         return shard.vectors(local_idx)
 
     async def info(self, source: list) -> dict[str, Any]:
         shard = await self._shard(source)
-        return {"offset": shard.offset, "size": len(shard.index), "on_gpu": shard.index.on_gpu}
+        return {"offset": shard.offset, "size": len(shard.index), "on_gpu": shard.index.on_gpu,
+                "index": shard.index.kind, "bytes": shard.index.nbytes}
 
 
 class Result(Protocol):
@@ -138,6 +160,9 @@ class ServeShardClient:
     def search(self, q, k):
         return self.h.search.remote(q, k, self.source)
 
+    def exact_search(self, q, k):
+        return self.h.exact_search.remote(q, k, self.source)
+
     def vectors(self, local_idx):
         return self.h.vectors.remote(local_idx, self.source)
 
@@ -145,16 +170,23 @@ class ServeShardClient:
 class ShardedSearch:
     """NeighbourSearch over shards: fan out, shift local indices by the shard offset, merge top-k."""
 
-    def __init__(self, clients: Sequence[ShardClient], offsets: Sequence[int], dim: int):
+    def __init__(self, clients: Sequence[ShardClient], offsets: Sequence[int], dim: int, approximate: bool = False):
         if len(clients) != len(offsets) or not clients:
             raise ValueError("need one offset per shard and at least one shard")
         self.clients = list(clients)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.dim = dim
+        self.approximate = approximate  # shards hold IVF indexes: merged distances are upper bounds
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._merged(queries, k, "search")
+
+    def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._merged(queries, k, "exact_search")
+
+    def _merged(self, queries: np.ndarray, k: int, method: str) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        pending = [c.search(q, k) for c in self.clients]  # all in flight before waiting on any
+        pending = [getattr(c, method)(q, k) for c in self.clients]  # all in flight before waiting on any
         ds, ids = [], []
         for off, p in zip(self.offsets, pending):
             d, i = p.result()

@@ -72,7 +72,7 @@ def test_round_trip_scores_equal_fresh_bank(artifact, tiny_root):
     cfg = load_config(None, OVERRIDES)
     ext = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, "pretrained")
     pre = Preprocess(cfg.data, ext.mean, ext.std)
-    model = PatchModel(ext, cfg.bank.patch_size)
+    model = PatchModel(ext, cfg.bank.patch_size, fast=cfg.backbone.fast_inference)
     split = load_split(tiny_root, "bottle", "mvtec")
     patches, grid = extract(model, DataLoader(ImageDataset(split.train, pre), batch_size=cfg.bank.batch_size))
     P = grid[0] * grid[1]

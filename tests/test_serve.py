@@ -478,6 +478,27 @@ def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_vers
     _wait(lambda: state("kp") is None)
 
 
+def test_batch_route_scores_like_evaluate_and_answers_every_image(service, reference):
+    c = service["client"]
+    paths = reference["paths"]
+    files = [("files", (Path(p).name, Path(p).read_bytes())) for p in paths]
+    files.insert(2, ("files", ("broken.png", Path(paths[0]).read_bytes()[:300])))
+    r = c.post("/v1/products/b3/score-batch", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n"] == len(paths) + 1 and body["n_failed"] == 1
+    bad = body["results"][2]
+    assert bad["filename"] == "broken.png" and bad["error"] == "corrupt_image" and "score" not in bad
+    got = [x["score"] for i, x in enumerate(body["results"]) if i != 2]
+    np.testing.assert_allclose(got, reference["scores"], rtol=1e-5)
+    assert [x["index"] for x in body["results"]] == list(range(len(paths) + 1))
+    r = c.post("/v1/products/b1/score-batch", files=[("files", ("a.png", b"x"))] * 17)
+    assert r.status_code == 413 and r.json()["error"] == "too_many_images"
+    assert c.post("/v1/products/b1/score-batch", content=b"raw").json()["error"] == "multipart_required"
+    listing = {p["product"]: p for p in c.get("/v1/products").json()["products"]}
+    assert listing["b3"]["index"] == "exact" and listing["b3"]["bank_bytes_in_memory"] > 0
+
+
 # ---------------------------------------------------------------- hot reload
 def _copy_artifact(src: Path, dst: Path, corrupt: bool = False) -> None:
     """Copy payload files first and meta.json last, as the artifact writer does (``corrupt``: the

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, load_tensors, read_meta, write_meta
-from .bank.memory_bank import MemoryBank
+from .bank.memory_bank import MemoryBank, bank_from_tensors, bank_tensors
 from .bank.scoring import anomaly_maps
-from .config import Config, from_dict
+from .config import Config, from_dict, replace
 from .data import ImageDataset, Preprocess, Sample, has_masks, load_split, read_image
 from .models.backbone import FeatureExtractor, resolve_device
 from .patch_model import PatchModel, load_adapter
@@ -74,7 +74,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resu
         timings["train_s"] = time.perf_counter() - t0
     extractor = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, weights)
     preprocess = Preprocess(cfg.data, extractor.mean, extractor.std)
-    model = PatchModel(extractor, cfg.bank.patch_size, device=device)
+    model = PatchModel(extractor, cfg.bank.patch_size, device=device, fast=cfg.backbone.fast_inference)
 
     t = time.perf_counter()
     patches, grid = extract(model, _loader(split.train, preprocess, cfg), progress, "train features")
@@ -114,6 +114,8 @@ def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, ext
     log(f"coreset: selecting {cfg.bank.coreset_ratio:.3g} of {len(patches)} patches ({patches.shape[1]} dims)")
     bank = MemoryBank.build(patches, cfg.bank.coreset_ratio, cfg.bank.projection_dim, cfg.seed, source,
                             use_gpu=_use_faiss_gpu(cfg), progress=progress, eps=cfg.bank.coreset_eps, device=device)
+    if cfg.bank.storage == "sq8":  # compact bank: statistics and threshold on the bank that will score
+        bank = bank.quantized()
     timings["coreset_s"] = time.perf_counter() - t
     timings["bank_build_s"] = timings["features_s"] + timings["coreset_s"]
 
@@ -133,7 +135,7 @@ def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, ext
     }
     threshold = float(np.quantile(normal, q))
 
-    atomic_save_tensors(out / "bank.safetensors", {"bank": bank.bank, "source_image": bank.source_image})
+    atomic_save_tensors(out / "bank.safetensors", bank_tensors(bank))
     files["bank.safetensors"] = ""
     timings["fit_s"] = time.perf_counter() - t_start
     meta = {
@@ -151,6 +153,8 @@ def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, ext
         "feature_dim": int(bank.dim),
         "feature_normalization": "none",
         "bank_size": len(bank),
+        "bank_format": cfg.bank.storage,
+        "bank_bytes": int(bank.bank.nbytes),
         "n_train_images": n_train,
         "n_train_patches": int(len(patches)),
         "score_stats": stats,
@@ -189,11 +193,14 @@ class Detector:
         return scores, maps
 
 
-def load_detector(artifact: str | Path, device: str | None = None) -> Detector:
-    """Load and verify an artifact; rebuild F (+ g) and check the weights are the ones the bank was built with."""
+def load_detector(artifact: str | Path, device: str | None = None, search: str | None = None) -> Detector:
+    """Load and verify an artifact; rebuild F (+ g) and check the weights are the ones the bank was
+    built with. ``search`` overrides the artifact's ``bank.search`` (exact | ivf)."""
     artifact = Path(artifact)
     meta = read_meta(artifact)
     cfg = from_dict(Config, meta["config"])
+    if search is not None:
+        cfg = replace(cfg, bank=replace(cfg.bank, search=search))
     bb = meta["backbone"]
     weights = str(artifact / "backbone.safetensors") if bb.get("fine_tuned") else cfg.backbone.weights
     # weights=random: fit seeded torch with cfg.seed right before building F, so the same seed
@@ -208,22 +215,24 @@ def load_detector(artifact: str | Path, device: str | None = None) -> Detector:
             f"{extractor.weights_sha256[:12]}…; refit the bank or supply the original weights")
     adapter = load_adapter(artifact / "adapter.safetensors") if (artifact / "adapter.safetensors").is_file() else None
     tensors = load_tensors(artifact / "bank.safetensors")
-    if "bank" not in tensors:
-        raise ArtifactError(f"{artifact / 'bank.safetensors'} holds no 'bank' tensor")
-    if tensors["bank"].shape[1] != meta["feature_dim"]:
-        raise ArtifactError(f"{artifact}: bank has {tensors['bank'].shape[1]} dims, metadata says {meta['feature_dim']}")
     dev = resolve_device(device or cfg.bank.device)
-    bank = MemoryBank(tensors["bank"], tensors.get("source_image"), use_gpu=cfg.bank.faiss_gpu and dev.type == "cuda")
-    model = PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=dev)
+    try:
+        bank = bank_from_tensors(tensors, meta.get("bank_format", "float32"), int(meta["feature_dim"]),
+                                 str(artifact / "bank.safetensors"),
+                                 use_gpu=cfg.bank.faiss_gpu and dev.type == "cuda", search=cfg.bank.search,
+                                 nlist=cfg.bank.ivf_nlist, nprobe=cfg.bank.ivf_nprobe)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from e
+    model = PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=dev, fast=cfg.backbone.fast_inference)
     return Detector(meta, cfg, model, bank, Preprocess(cfg.data, extractor.mean, extractor.std))
 
 
 def evaluate(artifact: str | Path, data_root: str | Path, category: str, layout: str | None = None,
-             progress: bool = True, return_arrays: bool = False) -> dict[str, Any]:
+             progress: bool = True, return_arrays: bool = False, search: str | None = None) -> dict[str, Any]:
     """Score the test split; image/pixel AUROC, AUPRO, F1-max, timing. Pixel metrics None without masks."""
     from .metrics import evaluate_scores
 
-    det = load_detector(artifact)
+    det = load_detector(artifact, search=search)
     split = load_split(data_root, category, layout or det.cfg.data.layout)
     if not split.test:
         raise ValueError(f"no test images for {category!r} under {data_root}")

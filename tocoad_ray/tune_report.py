@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .fileio import atomic_write
+from .run_report import save_figure
 
 VAL = (("val_score", "val score"), ("val_image_auroc", "val image AUROC"), ("val_pixel_auroc", "val pixel AUROC"),
        ("val_aupro", "val AUPRO"))
@@ -79,10 +80,7 @@ def val_test_plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel("test: mean of image AUROC, pixel AUROC, AUPRO")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_report(plan, categories: list[str], rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]],

@@ -6,20 +6,24 @@ import torch
 
 from .coreset import greedy_coreset
 from .knn import KNNIndex
-from .scoring import patch_scores, reweighted_image_scores
+from .scoring import reweighted_image_scores, score_patches
 
 
 class MemoryBank:
     """M: bank vectors [M, d] plus, per row, the training image it came from (for leave-one-out stats)."""
 
-    def __init__(self, bank: np.ndarray, source_image: np.ndarray | None = None, use_gpu: bool = False):
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+    def __init__(self, bank: np.ndarray, source_image: np.ndarray | None = None, use_gpu: bool = False,
+                 search: str = "exact", nlist: int = 0, nprobe: int = 8, sq8=None):
+        # sq8 (quantize.SQ8): ``bank`` holds its uint8 codes (a compact bank, 4x smaller)
+        self.sq8 = sq8
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32 if sq8 is None else np.uint8)
         self.source_image = (
             np.asarray(source_image, dtype=np.int32) if source_image is not None else np.full(len(self.bank), -1, np.int32)
         )
         if self.source_image.shape != (len(self.bank),):
             raise ValueError("source_image must have one entry per bank row")
-        self.index = KNNIndex(self.bank, use_gpu=use_gpu)
+        self.index = KNNIndex(self.bank, use_gpu=use_gpu, kind=search, nlist=nlist, nprobe=nprobe, sq8=sq8)
+        self.approximate = self.index.approximate
 
     @classmethod
     def build(cls, patches: np.ndarray, ratio: float = 0.1, projection_dim: int | None = 128, seed: int = 0,
@@ -42,8 +46,18 @@ class MemoryBank:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k)
 
+    def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.exact_search(queries, k)
+
     def vectors(self, idx: np.ndarray) -> np.ndarray:
-        return self.bank[idx]
+        return self.index.vectors(idx)
+
+    def quantized(self) -> "MemoryBank":
+        """This bank stored as 8-bit codes (``quantize.SQ8``), same rows and sources."""
+        from .quantize import SQ8
+
+        sq = SQ8.train(self.bank)
+        return MemoryBank(sq.encode(self.bank), self.source_image, search=self.index.kind, sq8=sq)
 
     @property
     def dim(self) -> int:
@@ -54,8 +68,7 @@ class MemoryBank:
 
     def score(self, patches: np.ndarray, n_images: int, b: int = 9) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (eq. 9) [n_images] and patch scores s' (eq. 8) [n_images·P]."""
-        s, nn = patch_scores(self, patches)
-        return reweighted_image_scores(self, patches, s, nn, n_images, b), s
+        return score_patches(self, patches, n_images, b)
 
     def leave_one_out_scores(self, patches: np.ndarray, image_ids: np.ndarray, n_images: int, b: int = 9,
                              k: int = 32) -> np.ndarray:
@@ -64,7 +77,7 @@ class MemoryBank:
         A training image's own patches sit in the bank, so its plain score is optimistic; excluding
         bank rows that came from the same image gives held-out-like normal scores for thresholds.
         """
-        d, i = self.index.search(patches, k)
+        d, i = self.index.exact_search(patches, k)
         own = self.source_image[i] == np.repeat(image_ids, len(patches) // len(image_ids))[:, None]
         d = np.where(own, np.inf, d)
         j = d.argmin(1)
@@ -72,6 +85,42 @@ class MemoryBank:
         nn = i[np.arange(len(d)), j]
         # all k neighbours from the same image (rare): fall back to the k-th distance, a lower bound
         bad = ~np.isfinite(s)
-        s[bad] = self.index.search(patches[bad], k)[0][:, -1] if bad.any() else s[bad]
+        s[bad] = self.index.exact_search(patches[bad], k)[0][:, -1] if bad.any() else s[bad]
         nn[bad] = i[bad, -1]
         return reweighted_image_scores(self, patches, s.astype(np.float32), nn, n_images, b)
+
+
+def bank_tensors(bank: MemoryBank) -> dict[str, np.ndarray]:
+    """What ``bank.safetensors`` holds: float32 ``bank``, or 8-bit ``bank_codes`` + ``sq8_trained``."""
+    out = {"source_image": bank.source_image}
+    if bank.sq8 is None:
+        out["bank"] = bank.bank
+    else:
+        out["bank_codes"], out["sq8_trained"] = bank.bank, bank.sq8.trained
+    return out
+
+
+def bank_from_tensors(tensors: dict[str, np.ndarray], fmt: str, dim: int, where: str, **index) -> MemoryBank:
+    """The inverse of ``bank_tensors``; ``fmt`` (float32 | sq8) and ``dim`` come from meta.json and
+    must agree with the file (ValueError naming ``where`` otherwise)."""
+    from .quantize import SQ8
+
+    key = {"float32": "bank", "sq8": "bank_codes"}.get(fmt)
+    if key is None:
+        raise ValueError(f"{where}: unknown bank format {fmt!r} (expected float32 or sq8)")
+    if key not in tensors:
+        raise ValueError(f"{where}: metadata says a {fmt} bank but the file holds {sorted(tensors)}")
+    arr = tensors[key]
+    want = np.uint8 if fmt == "sq8" else np.float32
+    if arr.ndim != 2 or arr.dtype != want:
+        raise ValueError(f"{where}: {key} is {arr.dtype} {arr.shape}, metadata says a {fmt} [M, d] bank")
+    if arr.shape[1] != dim:
+        raise ValueError(f"{where}: bank has {arr.shape[1]} dims, metadata says {dim}")
+    sq = None
+    if fmt == "sq8":
+        trained = tensors.get("sq8_trained")
+        if trained is None or trained.shape != (2 * dim,):
+            raise ValueError(f"{where}: an sq8 bank needs sq8_trained of shape ({2 * dim},)")
+        sq = SQ8(np.asarray(trained, dtype=np.float32))
+    return MemoryBank(arr, tensors.get("source_image"), sq8=sq, **index)
+

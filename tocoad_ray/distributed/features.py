@@ -30,7 +30,7 @@ class PatchEmbedder:
             extractor = FeatureExtractor(c.backbone.name, c.backbone.layers, weights)
         self.weights_sha256 = extractor.weights_sha256
         self.preprocess = Preprocess(c.data, extractor.mean, extractor.std)
-        self.model = PatchModel(extractor, c.bank.patch_size, device=resolve_device(device))
+        self.model = PatchModel(extractor, c.bank.patch_size, device=resolve_device(device), fast=c.backbone.fast_inference)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from ..data import read_image
