@@ -34,7 +34,21 @@ from tocoad_ray.data import load_split, read_image, read_mask  # noqa: E402
 from tocoad_ray.metrics import evaluate_scores  # noqa: E402
 from tocoad_ray.pipeline import fit, load_detector  # noqa: E402
 
-SEARCHES = {"exact": {"search": "exact"}, "ivf": {"search": "ivf"}}
+SEARCHES = {"exact": {"search": "exact"}, "ivf": {"search": "ivf"},
+            "sq8": {"search": "exact", "sq8": True}, "sq8+ivf": {"search": "ivf", "sq8": True}}
+
+
+def _old_maps(s_prime_grid: np.ndarray, size: int, sigma: float) -> np.ndarray:
+    """The pixel map as before this change (torchvision's 2-D convolution blur), for the baseline row."""
+    import torch.nn.functional as Fn
+    from torchvision.transforms.functional import gaussian_blur
+
+    from tocoad_ray.bank.scoring import gaussian_kernel_size
+
+    t = Fn.interpolate(torch.as_tensor(s_prime_grid, dtype=torch.float32)[:, None], size=(size, size),
+                       mode="bilinear", align_corners=False)
+    k = gaussian_kernel_size(sigma)
+    return gaussian_blur(t, kernel_size=[k, k], sigma=[sigma, sigma])[:, 0].numpy()
 
 
 def _median_ms(fn, n_images: int, repeats: int) -> float:
@@ -76,20 +90,30 @@ def bench_category(data: Path, cat: str, out: Path, batches: list[int], repeats:
     masks = np.stack([(pre.mask(read_mask(s.mask_path), path=s.mask_path)[0].numpy() > 0.5) if s.mask_path
                       else np.zeros(images.shape[-2:], bool) for s in samples])
 
-    banks = {k: MemoryBank(det.bank.bank, search=v["search"], nlist=cfg.bank.ivf_nlist, nprobe=nprobe)
+    f32 = det.bank.bank
+    q = MemoryBank(f32).quantized()
+    banks = {k: (MemoryBank(q.bank, search=v["search"], nlist=cfg.bank.ivf_nlist, nprobe=nprobe, sq8=q.sq8)
+                 if v.get("sq8") else MemoryBank(f32, search=v["search"], nlist=cfg.bank.ivf_nlist, nprobe=nprobe))
              for k, v in SEARCHES.items()}
+    from tocoad_ray.models.backbone import FeatureExtractor
+    from tocoad_ray.patch_model import PatchModel
+
+    eager = PatchModel(FeatureExtractor(det.meta["backbone"]["name"], det.meta["backbone"]["layers"],
+                                        cfg.backbone.weights), cfg.bank.patch_size, fast=False)
     res: dict = {"category": cat, "n_test": len(samples), "bank_rows": len(det.bank), "dim": det.bank.dim,
                  "decode_preprocess_ms": decode_ms, "batches": {}}
     for bs in batches:
         sub = images[:max(bs, min(timing_images, len(images)))]
         n_t = len(sub) - len(sub) % bs
         chunks = [sub[i:i + bs] for i in range(0, n_t, bs)]
-        model.embed(chunks[0])  # warm-up
+        model.embed(chunks[0])  # warm-up (and the one-off trace of the fast path)
+        eager.embed(chunks[0])
         backbone_ms = _median_ms(lambda: [model.embed(c) for c in chunks], n_t, repeats)
+        eager_ms = _median_ms(lambda: [eager.embed(c) for c in chunks], n_t, repeats)
         rows = [model.embed(c) for c in chunks]
         h, w = rows[0][1]
         P = h * w
-        entry = {"backbone_ms": backbone_ms, "timing_images": n_t, "options": {}}
+        entry = {"backbone_ms": backbone_ms, "backbone_eager_ms": eager_ms, "timing_images": n_t, "options": {}}
         for kind, bank in banks.items():
             patch_scores(bank, rows[0][0])  # warm-up
             search_ms = _median_ms(lambda: [patch_scores(bank, r) for r, _ in rows], n_t, repeats)
@@ -109,6 +133,11 @@ def bench_category(data: Path, cat: str, out: Path, batches: list[int], repeats:
                                           for _, s in scored], n_t, repeats)
             entry["options"][kind] = {"search_ms": search_ms, "eq9_ms": eq9_ms, "map_ms": map_ms,
                                       "total_ms": decode_ms + backbone_ms + search_ms + eq9_ms + map_ms}
+            if kind == "exact":  # today's path before this change: eager F, exact search, 2-D conv blur
+                old_map_ms = _median_ms(lambda: [_old_maps(s.reshape(-1, h, w), images.shape[-1],
+                                                           cfg.bank.blur_sigma) for _, s in scored], n_t, repeats)
+                entry["options"]["baseline"] = {"search_ms": search_ms, "eq9_ms": eq9_ms, "map_ms": old_map_ms,
+                                                "total_ms": decode_ms + eager_ms + search_ms + eq9_ms + old_map_ms}
         res["batches"][str(bs)] = entry
 
     # accuracy of every option on the whole test split (features once)
@@ -124,6 +153,7 @@ def bench_category(data: Path, cat: str, out: Path, batches: list[int], repeats:
         scores = np.concatenate(scores)
         m = evaluate_scores(labels, scores, masks if masks.any() else None, np.concatenate(maps))
         acc[kind] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
+                     "bank_bytes": int(bank.bank.nbytes), "index_bytes_in_memory": bank.index.nbytes,
                      "scores": scores}
     ref = acc["exact"]["scores"]
     for kind, a in acc.items():

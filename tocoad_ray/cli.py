@@ -54,7 +54,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipeline import evaluate
     from .report import markdown_table
 
-    res = evaluate(args.artifact, args.data, args.category, layout=args.layout, progress=not args.quiet)
+    res = evaluate(args.artifact, args.data, args.category, layout=args.layout, progress=not args.quiet,
+                   search=args.search)
     if args.json:
         atomic_write_bytes(args.json, json.dumps(res, indent=2).encode())
     print(markdown_table({args.category: res}))
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--layout", choices=["mvtec", "visa", "btad", "folder", "elpv"])
     p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--search", choices=["exact", "ivf"], help="override the artifact's bank.search")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
