@@ -73,7 +73,7 @@ def artifact_for(data: Path, cat: str, out: Path) -> Path:
 
 
 def bench_category(data: Path, cat: str, out: Path, batches: list[int], repeats: int, nprobe: int,
-                   timing_images: int) -> dict:
+                   timing_images: int, options: tuple[str, ...] = tuple(SEARCHES)) -> dict:
     art = artifact_for(data, cat, out)
     root, name = (data / cat).parent, (data / cat).name
     det = load_detector(art)
@@ -94,7 +94,7 @@ def bench_category(data: Path, cat: str, out: Path, batches: list[int], repeats:
     q = MemoryBank(f32).quantized()
     banks = {k: (MemoryBank(q.bank, search=v["search"], nlist=cfg.bank.ivf_nlist, nprobe=nprobe, sq8=q.sq8)
                  if v.get("sq8") else MemoryBank(f32, search=v["search"], nlist=cfg.bank.ivf_nlist, nprobe=nprobe))
-             for k, v in SEARCHES.items()}
+             for k, v in SEARCHES.items() if k in options}
     from tocoad_ray.models.backbone import FeatureExtractor
     from tocoad_ray.patch_model import PatchModel
 
@@ -169,7 +169,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timing-images", type=int, default=64, help="test images per timing run")
-    ap.add_argument("--nprobe", type=int, default=8)
+    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--options", default=",".join(SEARCHES),
+                    help="search options (exact is always run: the reference); the 8-bit flat scan is slow on big banks")
     ap.add_argument("--out", default="runs/bench_scoring")
     args = ap.parse_args()
     out = Path(args.out)
@@ -179,7 +181,7 @@ def main() -> None:
     results = []
     for cat in args.categories.split(","):
         r = bench_category(Path(args.data), cat, out, [int(x) for x in args.batches.split(",")], args.repeats,
-                           args.nprobe, args.timing_images)
+                           args.nprobe, args.timing_images, tuple({"exact", *args.options.split(",")}))
         print(json.dumps({**settings, **r}), flush=True)
         results.append(r)
     summary = {cat["category"]: {bs: {k: round(v["total_ms"], 1) for k, v in e["options"].items()}

@@ -65,7 +65,7 @@ def read_bank(artifact: str, sha: str) -> tuple[np.ndarray, dict[str, Any]]:
         raise ArtifactError(f"{artifact} changed on disk since version {sha[:12]} was published")
     b = meta["config"]["bank"]
     index = {"faiss_gpu": bool(b.get("faiss_gpu", True)), "kind": b.get("search", "exact"),
-             "nlist": int(b.get("ivf_nlist", 0)), "nprobe": int(b.get("ivf_nprobe", 8))}
+             "nlist": int(b.get("ivf_nlist", 0)), "nprobe": int(b.get("ivf_nprobe", 32))}
     try:  # the same format checks as load_detector
         bank = bank_from_tensors(load_tensors(Path(artifact) / "bank.safetensors"), meta.get("bank_format", "float32"),
                                  int(meta["feature_dim"]), f"{artifact}/bank.safetensors", search="exact")

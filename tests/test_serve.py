@@ -98,7 +98,8 @@ def tiny(tmp_path_factory, data_root):
     _link_subset(src, root / CATEGORY)
     a = _fit(root, base / "art_a")
     b = _fit(root, base / "art_b", **{"bank.coreset_ratio": 0.1})
-    return {"base": base, "root": root, "a": a, "b": b}
+    c = _fit(root, base / "art_c", **{"bank.coreset_ratio": 1.0, "bank.search": "ivf", "bank.storage": "sq8"})
+    return {"base": base, "root": root, "a": a, "b": b, "c": c}
 
 
 def _free_port() -> int:
@@ -111,7 +112,8 @@ def _write_config(path: Path, tiny, **extra) -> None:
     args = {
         "products": [{"name": "b1", "artifact": str(tiny["a"]), "shards": 1},
                      {"name": "b3", "artifact": str(tiny["a"]), "shards": 3},
-                     {"name": "fixed", "artifact": str(tiny["a"]), "shards": 2, "threshold": 1.5}],
+                     {"name": "fixed", "artifact": str(tiny["a"]), "shards": 2, "threshold": 1.5},
+                     {"name": "compact", "artifact": str(tiny["c"]), "shards": 2}],
         "artifacts_dir": str(tiny["base"] / "live"),
         "poll_interval_s": 0.5, "snapshot_ttl_s": 0.2,
         "max_upload_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "body_timeout_s": BODY_TIMEOUT_S,
@@ -145,7 +147,8 @@ def service(tiny):
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
         # right after start the products are still loading: what do a scorer and a probe see?
         early = {"score": client.post("/v1/products/b3/score", content=b"x"), "ready": client.get("/readyz")}
-        _wait(lambda: {p["product"] for p in client.get("/v1/products").json()["products"]} >= {"b1", "b3", "fixed"})
+        _wait(lambda: {p["product"] for p in client.get("/v1/products").json()["products"]}
+              >= {"b1", "b3", "fixed", "compact"})
         yield {"client": client, "url": f"http://127.0.0.1:{port}", "config": cfg, "early": early, "port": port}
         client.close()
     finally:
@@ -372,7 +375,7 @@ def test_slow_body_gets_408_and_a_vanished_client_is_not_a_backend_failure(servi
 
     ingress = serve.get_deployment_handle("Ingress", app_name="tocoad")
     before = ingress.stats.remote().result()
-    _raw_http(port, head, good[:1000], close_after=0.3)  # the client gives up mid-upload
+    _raw_http(port, head, good[:1000], close_after=1.0)  # the client gives up mid-upload
     _wait(lambda: ingress.stats.remote().result().get("client_disconnected", 0)
           > before.get("client_disconnected", 0), timeout=30)
     after = ingress.stats.remote().result()
@@ -476,6 +479,23 @@ def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_vers
     assert c.get("/readyz").status_code == 200  # still scoreable: ready, with the rejected update shown
     shutil.rmtree(kp)
     _wait(lambda: state("kp") is None)
+
+
+def test_ivf_sq8_shards_score_like_the_exact_search(service, reference, tiny):
+    """An 8-bit bank searched by IVF in 2 shards: the service's image scores equal tocoad evaluate's
+    with the exact search on the same artifact."""
+    from tocoad_ray.pipeline import evaluate
+
+    c = service["client"]
+    _wait(lambda: "compact" in {p["product"] for p in c.get("/v1/products").json()["products"]})
+    prod = {p["product"]: p for p in c.get("/v1/products").json()["products"]}["compact"]
+    assert prod["index"] == "ivf" and prod["bank_format"] == "sq8"
+    full = {p["product"]: p for p in c.get("/v1/products").json()["products"]}["b1"]
+    assert prod["bank_bytes_in_memory"] < full["bank_bytes_in_memory"] * prod["bank_size"] / full["bank_size"]
+    want = evaluate(tiny["c"], tiny["root"], CATEGORY, progress=False, return_arrays=True, search="exact")
+    files = [("files", (Path(p).name, Path(p).read_bytes())) for p in reference["paths"]]
+    got = [r["score"] for r in c.post("/v1/products/compact/score-batch", files=files).json()["results"]]
+    np.testing.assert_allclose(got, want["_arrays"]["scores"], rtol=1e-4)
 
 
 def test_batch_route_scores_like_evaluate_and_answers_every_image(service, reference):

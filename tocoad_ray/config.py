@@ -77,7 +77,7 @@ class BankConfig:
     # map, exact re-check of each image's maximum: image scores equal exact ones; see bank/knn.py)
     search: str = "exact"
     ivf_nlist: int = 0  # 0: 4·sqrt(bank size)
-    ivf_nprobe: int = 8
+    ivf_nprobe: int = 32  # cells visited per query (measured: 8 lost 0.0027 AUPRO on magnetic_tile, 32 holds)
     storage: str = "float32"  # float32 | sq8 (8-bit scalar quantisation: 4x smaller, searched as codes)
 
     def __post_init__(self) -> None:

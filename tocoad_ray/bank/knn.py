@@ -27,7 +27,7 @@ class KNNIndex:
     queries whose exact answer decides a result (``scoring.refine_maxima``)."""
 
     def __init__(self, bank: np.ndarray, use_gpu: bool = False, gpu_temp_memory: int | None = 512 << 20,
-                 kind: str = "exact", nlist: int = 0, nprobe: int = 8, sq8=None):
+                 kind: str = "exact", nlist: int = 0, nprobe: int = 32, sq8=None):
         import faiss
 
         # sq8 (bank.quantize.SQ8): ``bank`` holds uint8 codes, searched without decoding the bank

@@ -13,7 +13,7 @@ class MemoryBank:
     """M: bank vectors [M, d] plus, per row, the training image it came from (for leave-one-out stats)."""
 
     def __init__(self, bank: np.ndarray, source_image: np.ndarray | None = None, use_gpu: bool = False,
-                 search: str = "exact", nlist: int = 0, nprobe: int = 8, sq8=None):
+                 search: str = "exact", nlist: int = 0, nprobe: int = 32, sq8=None):
         # sq8 (quantize.SQ8): ``bank`` holds its uint8 codes (a compact bank, 4x smaller)
         self.sq8 = sq8
         self.bank = np.ascontiguousarray(bank, dtype=np.float32 if sq8 is None else np.uint8)
