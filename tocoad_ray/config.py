@@ -168,6 +168,16 @@ class Stage2Config:
     proj_dim: int = 512
     pred_hidden: int = 128
     max_steps_per_epoch: int | None = None
+    # variants (README "Stage II variants"); the paper's form: global, none, 0.2, 0.4
+    # contrast: global = L_sym on pooled features (the paper); dense = L_sym per patch, positives at
+    # corresponding locations of the two crops (PixPro / DenseCL style)
+    contrast: str = "global"
+    # preserve: a term β·L_pres that anchors F: none | feature (patch features of the bank layers
+    # stay near the frozen pretrained F's) | l2sp (½‖w − w0‖² on F's weights, L2-SP)
+    preserve: str = "none"
+    preserve_weight: float = 1.0  # β
+    crop_scale_min: float = 0.2  # S: RandomResizedCrop scale (crop_scale_min, 1)
+    color_jitter: float = 0.4  # S: ColorJitter(j, j, j, j/4)
 
     def __post_init__(self) -> None:
         _check_stage("stage2", self.epochs, self.batch_size, self.lr, self.loss)
@@ -175,6 +185,20 @@ class Stage2Config:
             raise ConfigError(f"stage2.lam (λ) must be in [0, 1], got {self.lam}")
         if self.target not in ("simsiam", "byol"):
             raise ConfigError(f"stage2.target must be simsiam or byol, got {self.target!r}")
+        if self.contrast not in CONTRAST_KINDS:
+            raise ConfigError(f"stage2.contrast must be one of {list(CONTRAST_KINDS)}, got {self.contrast!r}")
+        if self.preserve not in PRESERVE_KINDS:
+            raise ConfigError(f"stage2.preserve must be one of {list(PRESERVE_KINDS)}, got {self.preserve!r}")
+        if self.preserve_weight < 0:
+            raise ConfigError(f"stage2.preserve_weight (β) must be >= 0, got {self.preserve_weight}")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ConfigError(f"stage2.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise ConfigError(f"stage2.color_jitter must be in [0, 1], got {self.color_jitter}")
+
+
+CONTRAST_KINDS = ("global", "dense")
+PRESERVE_KINDS = ("none", "feature", "l2sp")
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 
 from ..config import Config, DataConfig, from_dict
 from ..data import Preprocess
-from ..train.common import ViewAugment, epoch_rows, prepare_images, row_rng, steps_per_epoch
+from ..train.common import epoch_rows, view_augment, prepare_images, row_rng, steps_per_epoch
 from ..train.stage1 import make_stage1_batch
 from ..train.stage2 import make_stage2_batch
 
@@ -57,7 +57,7 @@ def _tools(spec: SampleSpec):
     pre = Preprocess(cfg.data, list(spec.mean), list(spec.std))
     g = cfg.generator
     gen = AnomalyGenerator(g.kind, texture_dir=g.texture_dir, normal_prob=g.normal_prob, rotate=g.rotate)
-    return cfg, pre, gen, ViewAugment(pre.size)
+    return cfg, pre, gen, view_augment(cfg, pre.size)
 
 
 _STORES: dict[str, list[np.ndarray]] = {}
@@ -85,15 +85,17 @@ def make_rows(batch: dict[str, np.ndarray], spec: SampleSpec, store) -> dict[str
         made = make_stage1_batch(imgs, gen, pre, rngs)
     else:
         made = make_stage2_batch(imgs, pre, rngs, cfg.stage2.num_views, augment, gen if spec.with_generator else None)
-        made["views"] = torch.stack(made["views"], dim=1)  # [B, M, 3, S, S]: one row per image
+        for k in ("views", "boxes"):  # [B, M, ...]: one row per image
+            made[k] = torch.stack(made[k], dim=1)
     return {"epoch": batch["epoch"], "row": batch["row"], **{k: v.numpy() for k, v in made.items()}}
 
 
 def to_trainer_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A batch from ``iter_torch_batches`` → the dict ``Stage{1,2}Trainer.train_step`` takes."""
     out: dict[str, Any] = {k: batch[k] for k in ("image", "mask") if k in batch}
-    if "views" in batch:
-        out["views"] = list(batch["views"].unbind(1))
+    for k in ("views", "boxes"):
+        if k in batch:
+            out[k] = list(batch[k].unbind(1))
     return out
 
 

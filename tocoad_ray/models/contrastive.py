@@ -57,6 +57,18 @@ class ContrastiveHead(nn.Module):
     def predict(self, z: torch.Tensor) -> torch.Tensor:
         return self.predictor(z)
 
+    def project_dense(self, layer: str, feat: torch.Tensor) -> torch.Tensor:
+        """Dense variant: the same adapter + projector applied at every cell (a 1×1 convolution
+        MLP; BN statistics over all B·h·w cells): f_l [B, C_l, h, w] → z [B, proj_dim, h, w]."""
+        b, c, h, w = feat.shape
+        z = self.projector(self.adapters[_key(layer)](feat.permute(0, 2, 3, 1).reshape(b * h * w, c)))
+        return z.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def predict_dense(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, D, h, w] → p [B, D, h, w], the predictor at every cell."""
+        b, d, h, w = z.shape
+        return self.predictor(z.permute(0, 2, 3, 1).reshape(b * h * w, d)).reshape(b, h, w, d).permute(0, 3, 1, 2)
+
     def forward(self, feats: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         zs = {l: self.project(l, feats[l]) for l in self.layers}
         return zs, {l: self.predict(z) for l, z in zs.items()}

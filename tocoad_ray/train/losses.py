@@ -61,3 +61,71 @@ def projection_std(z: torch.Tensor) -> float:
     if z.shape[0] < 2:
         return float("nan")
     return float(Fn.normalize(z.detach().float(), dim=1).std(dim=0).mean())
+
+
+# --- stage II variants (README "Stage II variants") ----------------------------------------------
+def correspondence(box_a: torch.Tensor, box_b: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each feature cell of view a lies in view b.
+
+    ``box_*`` [B, 4]: the crops (top, left, height, width) as fractions of the source image; both
+    views are resized to the same size, so their feature grids are h × w. Cell (y, x) of view a has
+    its centre at image point (top_a + height_a·(y + ½)/h, left_a + width_a·(x + ½)/w); in view b
+    that is u = (point − origin_b) / size_b ∈ [0, 1]² when the cell lies inside b's crop. Returns
+    ``grid`` [B, h, w, 2] (x, y in grid_sample's [−1, 1] with align_corners=False, i.e. 2u − 1)
+    and ``valid`` [B, h, w] (inside b's crop)."""
+    dev = box_a.device
+    cy = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h
+    cx = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w
+    ta, la, ha, wa = (box_a[:, i, None] for i in range(4))
+    tb, lb, hb, wb = (box_b[:, i, None] for i in range(4))
+    uy = (ta + ha * cy - tb) / hb  # [B, h]
+    ux = (la + wa * cx - lb) / wb  # [B, w]
+    grid = torch.stack(torch.broadcast_tensors(ux[:, None, :], uy[:, :, None]), dim=-1) * 2.0 - 1.0
+    valid = ((uy >= 0) & (uy <= 1))[:, :, None] & ((ux >= 0) & (ux <= 1))[:, None, :]
+    return grid, valid
+
+
+def dense_neg_cosine(p_a: torch.Tensor, z_b: torch.Tensor, box_a: torch.Tensor, box_b: torch.Tensor) -> torch.Tensor:
+    """D(p, z) (eq. 3) per patch: −cos between p_a at each cell of view a and SG(z_b) read (bilinear)
+    at the same image point in view b, averaged over the cells that lie in both crops.
+    ``p_a``, ``z_b`` [B, D, h, w]. No overlap at all gives 0 (with a graph, so backward works)."""
+    grid, valid = correspondence(box_a, box_b, *p_a.shape[-2:])
+    zb = Fn.grid_sample(z_b.detach(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    cos = (Fn.normalize(p_a, dim=1) * Fn.normalize(zb, dim=1)).sum(dim=1)  # [B, h, w]
+    if not bool(valid.any()):
+        return cos.sum() * 0.0
+    return -cos[valid].mean()
+
+
+def dense_sym_loss(ps: list[torch.Tensor], zs: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+    """L_sym (eq. 5) with eq. 4's D(p, z) taken per corresponding patch (``dense_neg_cosine``):
+    the positives are the same image point seen in two crops (PixPro's pixel-level consistency,
+    Xie et al. 2021; DenseCL, Wang et al. 2021), so the term acts on the patch features the memory
+    bank uses rather than on a global average that is nearly identical across a product's images."""
+    m = len(ps)
+    if m < 2 or len(zs) != m or len(boxes) != m:
+        raise ValueError(f"dense_sym_loss needs M >= 2 predictions, projections and boxes, got {len(ps)}, {len(zs)}, {len(boxes)}")
+    total = 0.0
+    for i in range(m):
+        for j in range(i + 1, m):
+            total = total + 0.5 * dense_neg_cosine(ps[i], zs[j], boxes[i], boxes[j]) \
+                + 0.5 * dense_neg_cosine(ps[j], zs[i], boxes[j], boxes[i])
+    return total * 2.0 / (m * (m - 1))
+
+
+def feature_preservation(feats: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
+    """L_pres (feature): mean over ``layers`` of ‖F(x)_l − F0(x)_l‖² / ‖F0(x)_l‖², the relative
+    squared change of the patch features from the frozen pretrained F0 on the same images
+    (feature-map distillation as in DELTA, Li et al. 2019, and ReContrast's frozen-encoder anchor,
+    Guo et al. 2023). 0 while F = F0."""
+    total = 0.0
+    for l in layers:
+        f, f0 = feats[l], anchor[l].detach()
+        total = total + (f - f0).pow(2).sum() / f0.pow(2).sum().clamp_min(1e-12)
+    return total / len(layers)
+
+
+def weight_preservation(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    """L_pres (l2sp): ½ Σ ‖w − w0‖² over F's weights, the L2-SP penalty toward the pretrained
+    starting point (Li, Grandvalet & Davoine 2018) instead of weight decay toward 0. 0 while F = F0."""
+    return 0.5 * sum((p - p0).pow(2).sum() for p, p0 in zip(params, anchor))

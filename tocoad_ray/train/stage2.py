@@ -20,6 +20,12 @@ Design decisions:
   in train mode (SimSiam needs them against collapse); each view is projected separately.
 * "NCL only" ablation (``stage1.enabled=False``): there is no D, so L = L_sym (λ is not applied to
   a lone term; the loss scale only interacts with the LR).
+* Variants (``stage2.contrast``, ``stage2.preserve``; README "Stage II variants"): L_sym per
+  corresponding patch of the two crops instead of on pooled features (``losses.dense_sym_loss``),
+  and an anchor term β·L_pres that keeps F near the pretrained F0 (``losses.feature_preservation``
+  on the bank layers, or ``losses.weight_preservation``, L2-SP), so the full objective is
+  L = λ·L_sym + (1 − λ)·L_focal + β·L_pres. F0 is the extractor as the trainer receives it
+  (pretrained, unchanged by stage I); a resumed run rebuilds it the same way.
 * Collapse guard: each epoch reports ``proj_std``, the batch std of the L2-normalised projector
   output z (mean over dims and layers); ≈ 1/sqrt(proj_dim) when healthy, → 0 on collapse. Below
   0.1/sqrt(proj_dim) a warning is logged.
@@ -42,7 +48,7 @@ from ..models.contrastive import ContrastiveHead
 from ..models.discriminator import Discriminator
 from .base import StageTrainer
 from .common import ViewAugment, per_image, seeded_init
-from .losses import projection_std, sym_loss
+from .losses import dense_sym_loss, feature_preservation, projection_std, sym_loss, weight_preservation
 from .stage1 import pixel_loss, stage1_sample
 
 logger = logging.getLogger(__name__)
@@ -51,12 +57,15 @@ logger = logging.getLogger(__name__)
 def stage2_sample(image_uint8: np.ndarray, preprocess: Preprocess, rng: np.random.Generator, num_views: int = 2,
                   augment: ViewAugment | None = None, generator=None) -> dict[str, Any]:
     """One training row of stage II: {"views": [M, 3, S, S] views v^1..v^M of the normal image
-    (augmentation set S), and G's sample "image" [3, S, S] / "mask" [1, S, S] when ``generator``
-    is given}. Draw order from ``rng``: the M view seeds, then G."""
+    (augmentation set S), "boxes": [M, 4] their crop boxes (``ViewAugment.sample``), and G's sample
+    "image" [3, S, S] / "mask" [1, S, S] when ``generator`` is given}. Draw order from ``rng``:
+    the M view seeds, then G."""
     augment = augment or ViewAugment(preprocess.size)
     base = (preprocess.image(image_uint8) * preprocess.std + preprocess.mean).clamp_(0.0, 1.0)
     seeds = rng.integers(0, 2**62, size=num_views)
-    row: dict[str, Any] = {"views": torch.stack([(augment(base, int(s)) - preprocess.mean) / preprocess.std for s in seeds])}
+    views, boxes = zip(*(augment.sample(base, int(s)) for s in seeds))
+    row: dict[str, Any] = {"views": torch.stack([(v - preprocess.mean) / preprocess.std for v in views]),
+                           "boxes": torch.stack(boxes)}
     if generator is not None:
         row["image"], row["mask"] = stage1_sample(image_uint8, generator, preprocess, rng)
     return row
@@ -66,7 +75,7 @@ def make_stage2_batch(images_uint8: list[np.ndarray], preprocess: Preprocess,
                       rng: np.random.Generator | Sequence[np.random.Generator], num_views: int = 2,
                       augment: ViewAugment | None = None, generator=None) -> dict[str, Any]:
     """{"views": M tensors [B, 3, S, S] (views v^1..v^M of the normal images, augmentation set S),
-    "image"/"mask": G's samples as in ``make_stage1_batch`` (absent when ``generator`` is None)}.
+    "boxes": M tensors [B, 4] (their crop boxes), "image"/"mask": G's samples as in ``make_stage1_batch`` (absent when ``generator`` is None)}.
     ``rng``: one per image (as the trainers use it) or one shared."""
     augment = augment or ViewAugment(preprocess.size)
     rows = [stage2_sample(img, preprocess, r, num_views, augment, generator)
@@ -76,8 +85,8 @@ def make_stage2_batch(images_uint8: list[np.ndarray], preprocess: Preprocess,
 
 def collate_stage2(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack ``stage2_sample`` rows into the batch ``Stage2Trainer`` takes."""
-    views = torch.stack([r["views"] for r in rows], dim=1)  # [M, B, 3, S, S]
-    batch: dict[str, Any] = {"views": list(views.unbind(0))}
+    batch: dict[str, Any] = {k: list(torch.stack([r[k] for r in rows], dim=1).unbind(0))  # M × [B, ...]
+                             for k in ("views", "boxes")}
     if "image" in rows[0]:
         batch["image"] = torch.stack([r["image"] for r in rows])
         batch["mask"] = torch.stack([r["mask"] for r in rows])
@@ -93,19 +102,22 @@ def _freeze_bn_stats(module: nn.Module) -> None:
 class Stage2Net(nn.Module):
     """F + C in one forward, so data-parallel training (DDP) can wrap the trainable part of stage
     II as one module: x (M views then G's batch, concatenated) → F's pyramid, and per layer of
-    ``layers`` the projections z and predictions p of the M views."""
+    ``layers`` the projections z and predictions p of the M views ([B, D], or [B, D, h, w] per
+    cell when ``dense``)."""
 
-    def __init__(self, extractor: FeatureExtractor, head: ContrastiveHead, layers: list[str]):
+    def __init__(self, extractor: FeatureExtractor, head: ContrastiveHead, layers: list[str], dense: bool = False):
         super().__init__()
-        self.extractor, self.head, self.layers = extractor, head, list(layers)
+        self.extractor, self.head, self.layers, self.dense = extractor, head, list(layers), bool(dense)
 
     def forward(self, x: torch.Tensor, num_views: int, batch: int):
         feats = self.extractor(x)  # one pass: F's BN statistics are frozen
+        project, predict = ((self.head.project_dense, self.head.predict_dense) if self.dense
+                            else (self.head.project, self.head.predict))
         zs, ps = {}, {}
         for layer in self.layers:
             f = feats[layer]
-            zs[layer] = [self.head.project(layer, f[i * batch:(i + 1) * batch]) for i in range(num_views)]
-            ps[layer] = [self.head.predict(z) for z in zs[layer]]
+            zs[layer] = [project(layer, f[i * batch:(i + 1) * batch]) for i in range(num_views)]
+            ps[layer] = [predict(z) for z in zs[layer]]
         return feats, zs, ps
 
 
@@ -145,10 +157,27 @@ class Stage2Trainer(StageTrainer):
             self.target_head = copy.deepcopy(self.head)
             for p in list(self.target_extractor.parameters()) + list(self.target_head.parameters()):
                 p.requires_grad_(False)
-        self.net = Stage2Net(self.extractor, self.head, self.layers)
+        self.dense = s.contrast == "dense"
+        self.net = Stage2Net(self.extractor, self.head, self.layers, dense=self.dense)
         self.net_forward: nn.Module = self.net  # DDP-wrapped by distribute()
-        params = list(self.extractor.parameters()) + list(self.head.parameters())
-        self.optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        # F0 for the anchor term: the extractor as received (pretrained; stage I leaves F unchanged)
+        self.anchor_extractor = self.anchor_weights = None
+        self.preserve_layers = list(cfg.backbone.layers)
+        if s.preserve == "feature":
+            missing = [l for l in self.preserve_layers if l not in extractor.channels]
+            if missing:
+                raise ValueError(f"extractor lacks bank layer(s) {missing} for stage2.preserve=feature")
+            self.anchor_extractor = copy.deepcopy(self.extractor).eval()
+            for p in self.anchor_extractor.parameters():
+                p.requires_grad_(False)
+        elif s.preserve == "l2sp":
+            self.anchor_weights = [p.detach().clone() for p in self.extractor.parameters()]
+        # L2-SP replaces F's decay toward 0 by the pull toward w0; C keeps its weight decay
+        f_decay = 0.0 if s.preserve == "l2sp" else s.weight_decay
+        self.optimizer = torch.optim.SGD([
+            {"params": list(self.extractor.parameters()), "weight_decay": f_decay},
+            {"params": list(self.head.parameters()), "weight_decay": s.weight_decay},
+        ], lr=s.lr, momentum=s.momentum)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, s.epochs))
         self.epoch = 0
 
@@ -167,11 +196,14 @@ class Stage2Trainer(StageTrainer):
         if self.target_head is not None:
             self.target_extractor.eval()
             self.target_head.train()  # BN batch statistics as in the online projector
+        if self.anchor_extractor is not None:
+            self.anchor_extractor.eval()
 
     # --- step -------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Forward pass → {"loss", "loss_sym", ["loss_neg"]} tensors and the online z's ("z")."""
+        """Forward pass → {"loss", "loss_sym", ["loss_neg"], ["loss_pres"]} tensors and the online z's ("z")."""
         s = self.scfg
+        self._set_modes()  # F's BN statistics frozen whoever calls (F = F0 exactly at initialisation)
         views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
         m, b = len(views), views[0].shape[0]
         use_neg = self.discriminator is not None and batch.get("image") is not None
@@ -180,18 +212,28 @@ class Stage2Trainer(StageTrainer):
         if self.target_extractor is not None:
             with torch.no_grad():
                 tfeats = self.target_extractor(torch.cat(views))
-        l_sym, zs_all = 0.0, []
+        if self.dense and "boxes" not in batch:
+            raise ValueError("stage2.contrast=dense needs the views' crop boxes (batch['boxes'], from make_stage2_batch)")
+        boxes = [bx.to(self.device) for bx in batch["boxes"]] if self.dense else None
+        target_project = None
+        if self.target_head is not None:
+            target_project = self.target_head.project_dense if self.dense else self.target_head.project
+        l_sym, zs_all, per_layer = 0.0, [], {}
         for layer in self.layers:
             zs, ps = zs_l[layer], ps_l[layer]
-            if self.target_head is not None:
+            if target_project is not None:
                 with torch.no_grad():
-                    tz = [self.target_head.project(layer, tfeats[layer][i * b:(i + 1) * b]) for i in range(m)]
+                    tz = [target_project(layer, tfeats[layer][i * b:(i + 1) * b]) for i in range(m)]
             else:
                 tz = zs  # SimSiam: stop-gradient inside neg_cosine
-            l_sym = l_sym + sym_loss(ps, tz)
-            zs_all.append(zs[0])
+            term = dense_sym_loss(ps, tz, boxes) if self.dense else sym_loss(ps, tz)
+            per_layer[layer] = term.detach()
+            l_sym = l_sym + term
+            z0 = zs[0]
+            zs_all.append(z0.permute(0, 2, 3, 1).reshape(-1, z0.shape[1]) if self.dense else z0)
         l_sym = l_sym / len(self.layers)
-        out = {"loss_sym": l_sym, "z": zs_all}
+        out = {"loss_sym": l_sym, "z": zs_all, "sym_layers": per_layer}
+        l_pres = self.preservation(feats, views[0], b)
         if use_neg:
             gfeats = {k: v[m * b:] for k, v in feats.items()}
             logits = self.discriminator(gfeats, out_size=tuple(xs[-1].shape[-2:]))
@@ -201,7 +243,22 @@ class Stage2Trainer(StageTrainer):
             out["loss"] = s.lam * l_sym + (1.0 - s.lam) * l_neg  # eq. 6
         else:
             out["loss"] = l_sym  # NCL only: no D
+        if l_pres is not None:
+            out["loss_pres"] = l_pres
+            out["loss"] = out["loss"] + s.preserve_weight * l_pres  # + β·L_pres
         return out
+
+    def preservation(self, feats: dict[str, torch.Tensor] | None = None, first_view: torch.Tensor | None = None,
+                     batch: int | None = None) -> torch.Tensor | None:
+        """L_pres of ``stage2.preserve`` (None for "none"). ``feature``: on the first view's bank-layer
+        features (``feats`` from the online forward, rows [0, batch)) against F0's."""
+        if self.anchor_weights is not None:
+            return weight_preservation(list(self.extractor.parameters()), self.anchor_weights)
+        if self.anchor_extractor is None:
+            return None
+        with torch.no_grad():
+            anchor = self.anchor_extractor(first_view)
+        return feature_preservation({l: feats[l][:batch] for l in self.preserve_layers}, anchor, self.preserve_layers)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         self._set_modes()
@@ -215,6 +272,7 @@ class Stage2Trainer(StageTrainer):
         if self.target_head is not None:
             self._ema_update()
         metrics = {k: v.item() for k, v in out.items() if k.startswith("loss")}
+        metrics.update({f"sym/{l}": float(v) for l, v in out["sym_layers"].items()})
         metrics["proj_std"] = sum(projection_std(z) for z in out["z"]) / len(out["z"])
         return metrics
 

@@ -20,8 +20,8 @@ from ..data import Preprocess
 from ..models.backbone import resolve_device
 from ..synth import AnomalyGenerator
 from .checkpoint import CheckpointError, clear_checkpoint, load_checkpoint, read_pointer, save_checkpoint
-from .common import (STAGE_IDS, ViewAugment, build_extractor, fingerprint, iter_batches, needed_layers, prepare_images,
-                     seeded_init, steps_per_epoch)
+from .common import (STAGE_IDS, build_extractor, fingerprint, iter_batches, needed_layers, prepare_images,
+                     seeded_init, steps_per_epoch, view_augment)
 from .stage1 import Stage1Trainer, make_stage1_batch
 from .stage2 import Stage2Trainer, make_stage2_batch
 
@@ -106,7 +106,7 @@ def train_tocoad(cfg: Config, images: Sequence[np.ndarray | str | Path], workdir
         if stage1_ran:  # a new D invalidates any stage-II checkpoint built on the old one
             clear_checkpoint(workdir / "stage2")
         t2 = Stage2Trainer(cfg, extractor, dev, discriminator=discriminator)
-        augment = ViewAugment(preprocess.size)
+        augment = view_augment(cfg, preprocess.size)
         make2 = partial(make_stage2_batch, preprocess=preprocess, num_views=cfg.stage2.num_views, augment=augment,
                         generator=generator if discriminator is not None else None)
         _run_stage(t2, "stage2", cfg.stage2, workdir, lambda ims, rng: make2(ims, rng=rng), imgs, cfg.seed, resume,

@@ -1,0 +1,175 @@
+"""Stage II variants (issue 13): dense pairing through crop boxes, the preservation term, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as Fn
+from torchvision.transforms.v2 import functional as TF
+
+from tocoad_ray.config import ConfigError, build_config, replace
+from tocoad_ray.data import Preprocess
+from tocoad_ray.models.discriminator import Discriminator
+from tocoad_ray.synth import AnomalyGenerator
+from tocoad_ray.train import Stage2Trainer, ViewAugment, build_extractor, make_stage2_batch, train_tocoad
+from tocoad_ray.train import stage2 as stage2_mod
+from tocoad_ray.train.losses import correspondence, dense_neg_cosine, dense_sym_loss
+
+from .test_tocoad_train import images, tiny_cfg
+
+
+# --- dense pairing ---------------------------------------------------------------------------------
+def test_correspondence_for_known_boxes():
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    quadrant = torch.tensor([[0.5, 0.5, 0.5, 0.5]])  # bottom-right quarter of the image
+    grid, valid = correspondence(full, quadrant, 4, 4)
+    # cells (y, x) >= 2 of the full view lie in the quadrant, the rest do not
+    want = torch.zeros(4, 4, dtype=torch.bool)
+    want[2:, 2:] = True
+    assert torch.equal(valid[0], want)
+    # full-view cell (2, 3): centre (0.625, 0.875) of the image → (0.25, 0.75) of the quadrant view
+    assert grid[0, 2, 3].tolist() == pytest.approx([2 * 0.75 - 1, 2 * 0.25 - 1])
+    # the other way: every quadrant cell lies in the full view, at half its own coordinates + ½
+    grid, valid = correspondence(quadrant, full, 4, 4)
+    assert bool(valid.all())
+    assert grid[0, 0, 0].tolist() == pytest.approx([2 * (0.5 + 0.5 * 0.125) - 1] * 2)
+    # disjoint crops: nothing corresponds
+    _, valid = correspondence(torch.tensor([[0.0, 0.0, 0.4, 0.4]]), torch.tensor([[0.6, 0.6, 0.4, 0.4]]), 4, 4)
+    assert not bool(valid.any())
+
+
+def _coordinate_map(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A 2-channel "feature map" whose cell holds the image point its centre sees: [B, 2, h, w]."""
+    cy = (torch.arange(h) + 0.5) / h
+    cx = (torch.arange(w) + 0.5) / w
+    y = box[:, 0, None, None] + box[:, 2, None, None] * cy[None, :, None]
+    x = box[:, 1, None, None] + box[:, 3, None, None] * cx[None, None, :]
+    return torch.stack(torch.broadcast_tensors(y, x), dim=1)
+
+
+def test_paired_cells_see_the_same_image_point():
+    """Reading view b's map at the correspondence grid gives view a's image point at every valid cell."""
+    box_a = torch.tensor([[0.1, 0.2, 0.6, 0.5], [0.0, 0.0, 1.0, 1.0]])
+    box_b = torch.tensor([[0.3, 0.1, 0.5, 0.7], [0.25, 0.25, 0.5, 0.5]])
+    h = w = 8
+    grid, valid = correspondence(box_a, box_b, h, w)
+    read = Fn.grid_sample(_coordinate_map(box_b, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    want = _coordinate_map(box_a, h, w)
+    assert valid.any(dim=(1, 2)).all()
+    assert torch.allclose(read.permute(0, 2, 3, 1)[valid], want.permute(0, 2, 3, 1)[valid], atol=1e-5)
+    # identical maps at corresponding points → D(p, z) = −1 on the overlap
+    assert dense_neg_cosine(want + 1.0, _coordinate_map(box_b, h, w) + 1.0, box_a, box_b).item() == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_view_boxes_are_the_crops_taken():
+    """ViewAugment.sample's box is the crop of the input the view shows (colour off: a grey image is
+    unchanged by RandomGrayscale up to its weights summing to 0.9999, jitter 0)."""
+    rng = np.random.default_rng(0)
+    grey = torch.from_numpy(rng.random((1, 48, 64), dtype=np.float32)).repeat(3, 1, 1)
+    aug = ViewAugment(32, scale=(0.2, 1.0), jitter=0.0)
+    for seed in range(5):
+        view, box = aug.sample(grey, seed)
+        t, l, h, w = (round(float(v) * s) for v, s in zip(box, (48, 64, 48, 64)))
+        assert torch.allclose(view, TF.resized_crop(grey, t, l, h, w, [32, 32], antialias=True).clamp(0, 1), atol=1e-3)
+    # the rows carry the boxes, one per view
+    cfg = tiny_cfg()
+    pre = Preprocess(cfg.data, (0.5,) * 3, (0.5,) * 3)
+    batch = make_stage2_batch(images(3, 64), pre, np.random.default_rng(1), num_views=2)
+    assert len(batch["boxes"]) == 2 and batch["boxes"][0].shape == (3, 4)
+    assert bool((batch["boxes"][0][:, 2:] > 0).all() and (batch["boxes"][0][:, :2] + batch["boxes"][0][:, 2:] <= 1 + 1e-6).all())
+
+
+def test_dense_sym_loss_matches_pairs_and_gradients_reach_F():
+    ps = [torch.randn(2, 8, 4, 4) for _ in range(2)]
+    zs = [torch.randn(2, 8, 4, 4) for _ in range(2)]
+    bs = [torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), torch.tensor([[0.2, 0.1, 0.7, 0.8]] * 2)]
+    want = 0.5 * dense_neg_cosine(ps[0], zs[1], bs[0], bs[1]) + 0.5 * dense_neg_cosine(ps[1], zs[0], bs[1], bs[0])
+    assert dense_sym_loss(ps, zs, bs).item() == pytest.approx(want.item(), abs=1e-6)
+
+    cfg = tiny_cfg(contrast="dense")
+    lite0_random = build_extractor(cfg)
+    pre = Preprocess(cfg.data, lite0_random.mean, lite0_random.std)
+    gen = AnomalyGenerator("perlin", normal_prob=0.0)
+    d = Discriminator(lite0_random.channels, lite0_random.reductions)
+    batch = make_stage2_batch(images(2, 64), pre, np.random.default_rng(1), num_views=2, generator=gen)
+    t = Stage2Trainer(cfg, lite0_random, "cpu", discriminator=d)
+    out = t.losses(batch)
+    out["loss_sym"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in lite0_random.body.parameters() if p.grad is not None) > 0
+    t.optimizer.zero_grad(set_to_none=True)
+    m = t.train_step(batch)
+    assert {"loss", "loss_sym", "loss_neg"} <= set(m) and all(f"sym/{l}" in m for l in cfg.backbone.stage2_layers)
+    with pytest.raises(ValueError, match="crop boxes"):
+        t.losses({k: v for k, v in batch.items() if k != "boxes"})
+
+
+# --- preservation ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["feature", "l2sp"])
+def test_preservation_is_zero_at_init_and_grows_as_F_moves(kind):
+    cfg = tiny_cfg(preserve=kind, preserve_weight=0.0, lr=0.05)  # β = 0: measure the term, do not pull back
+    extractor = build_extractor(cfg)
+    pre = Preprocess(cfg.data, extractor.mean, extractor.std)
+    batch = make_stage2_batch(images(2, 64), pre, np.random.default_rng(4), num_views=2)
+    t = Stage2Trainer(cfg, extractor, "cpu")
+    assert t.losses(batch)["loss_pres"].item() == 0.0
+    seen, moved = [], []
+    w0 = [p.detach().clone() for p in extractor.parameters()]
+    for _ in range(4):
+        m = t.train_step(batch)
+        seen.append(t.losses(batch)["loss_pres"].item())
+        moved.append(sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(extractor.parameters(), w0)))
+    assert seen[0] > 0 and seen[-1] > seen[0]
+    assert moved[-1] > moved[0] > 0
+    assert m["loss_pres"] >= 0
+    # β > 0 adds β·L_pres to the loss
+    t2 = Stage2Trainer(replace(cfg, stage2=replace(cfg.stage2, preserve_weight=2.0)), extractor, "cpu")
+    t2.anchor_extractor, t2.anchor_weights = t.anchor_extractor, t.anchor_weights
+    out = t2.losses(batch)
+    assert out["loss"].item() == pytest.approx(out["loss_sym"].item() + 2.0 * out["loss_pres"].item(), rel=1e-5)
+
+
+def test_l2sp_moves_F_decay_into_the_anchor():
+    cfg = tiny_cfg(preserve="l2sp")
+    t = Stage2Trainer(cfg, build_extractor(cfg), "cpu")
+    assert [g["weight_decay"] for g in t.optimizer.param_groups] == [0.0, cfg.stage2.weight_decay]
+
+
+@pytest.mark.parametrize("bad", [{"stage2": {"contrast": "pixel"}}, {"stage2": {"preserve": "ewc"}},
+                                 {"stage2": {"preserve_weight": -1}}, {"stage2": {"crop_scale_min": 0}},
+                                 {"stage2": {"color_jitter": 1.5}}])
+def test_bad_variant_settings_are_named(bad):
+    key = next(iter(bad["stage2"]))
+    with pytest.raises(ConfigError, match=f"stage2.{key}"):
+        build_config(bad)
+
+
+# --- resume ------------------------------------------------------------------------------------------
+VARIANTS = [dict(contrast="dense"), dict(preserve="feature", preserve_weight=0.5), dict(preserve="l2sp", preserve_weight=0.1),
+            dict(contrast="dense", preserve="feature", crop_scale_min=0.5, color_jitter=0.2)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "+".join(f"{k}={v[k]}" for k in v))
+def test_every_variant_resumes_from_its_checkpoint(tmp_path, monkeypatch, variant):
+    cfg = tiny_cfg(epochs=2, **variant)
+    run = lambda wd, resume=False: train_tocoad(cfg, images(4, 72), wd, device="cpu", resume=resume,  # noqa: E731
+                                                progress=False, log=lambda s: None)
+    straight = run(tmp_path / "a")
+    calls = {"n": 0}
+    original = stage2_mod.Stage2Trainer.train_epoch
+
+    def crash(self, batches, epoch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, batches, epoch)
+
+    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", original)
+    assert json.loads((tmp_path / "b" / "stage2" / "latest.json").read_text())["epoch"] == 1
+    resumed = run(tmp_path / "b", resume=True)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert any(not torch.equal(straight[k], v) for k, v in build_extractor(cfg).body.state_dict().items())  # F moved
