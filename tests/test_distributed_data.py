@@ -57,7 +57,7 @@ def _reference(s, stage, epoch):
 def _same(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        xs, ys = (a[k], b[k]) if k == "views" else ([a[k]], [b[k]])
+        xs, ys = (a[k], b[k]) if k in ("views", "boxes") else ([a[k]], [b[k]])
         for x, y in zip(xs, ys):
             assert torch.equal(x, y), f"{k} differs"
 
@@ -74,8 +74,9 @@ def test_two_workers_split_each_global_batch(setup):
     parts = [_ray_batches(setup, 2, 1, world=2, rank=r)[0] for r in (0, 1)]
     for k in ("image", "mask"):
         assert torch.equal(torch.cat([p[k] for p in parts]), full[k])
-    for v in range(len(full["views"])):
-        assert torch.equal(torch.cat([p["views"][v] for p in parts]), full["views"][v])
+    for k in ("views", "boxes"):
+        for v in range(len(full[k])):
+            assert torch.equal(torch.cat([p[k][v] for p in parts]), full[k][v])
 
 
 def test_epochs_differ_and_a_seed_reproduces(setup):

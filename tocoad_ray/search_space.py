@@ -96,6 +96,10 @@ def default_space(cfg: Config) -> dict[str, dict[str, Any]]:
             "stage2.epochs": {"choice": sorted({max(1, s2.epochs // 2), s2.epochs})},
             "generator.kind": {"choice": ["perlin", "cutpaste"]},
             "backbone.stage2_layers": {"choice": layers},
+            # stage II variants (README "Stage II variants"); the base config's values stay reachable
+            "stage2.contrast": {"choice": sorted({s2.contrast, "global", "dense"})},
+            "stage2.preserve": {"choice": sorted({s2.preserve, "none", "feature", "l2sp"})},
+            "stage2.preserve_weight": {"loguniform": [min(0.3, s2.preserve_weight or 0.3), max(30.0, s2.preserve_weight)]},
         })
     elif cfg.method == "reconpatch":
         r = cfg.reconpatch
