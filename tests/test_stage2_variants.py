@@ -1,7 +1,6 @@
 """Stage II variants (issue 13): dense pairing through crop boxes, the preservation term, resume."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -14,10 +13,9 @@ from tocoad_ray.data import Preprocess
 from tocoad_ray.models.discriminator import Discriminator
 from tocoad_ray.synth import AnomalyGenerator
 from tocoad_ray.train import Stage2Trainer, ViewAugment, build_extractor, make_stage2_batch, train_tocoad
-from tocoad_ray.train import stage2 as stage2_mod
 from tocoad_ray.train.losses import correspondence, dense_neg_cosine, dense_sym_loss
 
-from .test_tocoad_train import images, tiny_cfg
+from .test_tocoad_train import images, interrupt_stage2_then_resume, tiny_cfg
 
 
 # --- dense pairing ---------------------------------------------------------------------------------
@@ -156,20 +154,6 @@ def test_every_variant_resumes_from_its_checkpoint(tmp_path, monkeypatch, varian
     run = lambda wd, resume=False: train_tocoad(cfg, images(4, 72), wd, device="cpu", resume=resume,  # noqa: E731
                                                 progress=False, log=lambda s: None)
     straight = run(tmp_path / "a")
-    calls = {"n": 0}
-    original = stage2_mod.Stage2Trainer.train_epoch
-
-    def crash(self, batches, epoch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, batches, epoch)
-
-    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b")
-    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", original)
-    assert json.loads((tmp_path / "b" / "stage2" / "latest.json").read_text())["epoch"] == 1
-    resumed = run(tmp_path / "b", resume=True)
+    resumed = interrupt_stage2_then_resume(lambda resume: run(tmp_path / "b", resume), tmp_path / "b", monkeypatch)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert any(not torch.equal(straight[k], v) for k, v in build_extractor(cfg).body.state_dict().items())  # F moved

@@ -191,6 +191,26 @@ def test_stage2_without_D_uses_L_sym_only(lite0_random):
 
 
 # --- full runs, resume, checkpoints ----------------------------------------------------------------
+def interrupt_stage2_then_resume(run, workdir, monkeypatch):
+    """``run(resume)`` is killed (KeyboardInterrupt) after stage II's first epoch, then resumed;
+    returns the resumed run's weights."""
+    calls = {"n": 0}
+    original = stage2_mod.Stage2Trainer.train_epoch
+
+    def crash(self, batches, epoch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, batches, epoch)
+
+    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(False)
+    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", original)
+    assert json.loads((workdir / "stage2" / "latest.json").read_text())["epoch"] == 1
+    return run(True)
+
+
 def _run(cfg, workdir, resume=False):
     return train_tocoad(cfg, images(4, 72), workdir, device="cpu", resume=resume, progress=False, log=lambda s: None)
 
@@ -203,21 +223,7 @@ def test_resume_matches_straight_run_and_weights_reload(tmp_path, monkeypatch):
     assert "proj_std" in lines[-1] and "loss_neg" in lines[-1]["losses"]
 
     # interrupted after stage II's first epoch, then resumed: identical final weights
-    calls = {"n": 0}
-    original = stage2_mod.Stage2Trainer.train_epoch
-
-    def crash(self, batches, epoch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, batches, epoch)
-
-    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, tmp_path / "b")
-    monkeypatch.setattr(stage2_mod.Stage2Trainer, "train_epoch", original)
-    assert json.loads((tmp_path / "b" / "stage2" / "latest.json").read_text())["epoch"] == 1
-    resumed = _run(cfg, tmp_path / "b", resume=True)
+    resumed = interrupt_stage2_then_resume(lambda resume: _run(cfg, tmp_path / "b", resume=resume), tmp_path / "b", monkeypatch)
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     stages = [json.loads(l)["stage"] for l in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
