@@ -45,12 +45,15 @@ from tocoad_ray.train.losses import correspondence  # noqa: E402
 from tocoad_ray.train.stage1 import Stage1Trainer, make_stage1_batch  # noqa: E402
 from tocoad_ray.train.stage2 import Stage2Trainer, make_stage2_batch  # noqa: E402
 
-VARIANTS = {
-    "paper": {},  # global L_sym, no anchor
-    "dense": {"stage2.contrast": "dense"},
-    "feature": {"stage2.preserve": "feature", "stage2.preserve_weight": 3.0},
-    "dense+feature": {"stage2.contrast": "dense", "stage2.preserve": "feature", "stage2.preserve_weight": 3.0},
-    "l2sp": {"stage2.preserve": "l2sp", "stage2.preserve_weight": 10.0},
+PAPER = {"stage2.contrast": "global", "stage2.preserve": "none", "stage2.crop_scale_min": 0.2}  # lr: --lr
+VARIANTS = {  # each is the paper's form with one change (the library default is dense + l2sp β 1, crop 0.5)
+    "paper": PAPER,
+    "dense": {**PAPER, "stage2.contrast": "dense"},
+    "feature": {**PAPER, "stage2.preserve": "feature", "stage2.preserve_weight": 3.0},
+    "dense+feature": {**PAPER, "stage2.contrast": "dense", "stage2.preserve": "feature", "stage2.preserve_weight": 3.0},
+    "l2sp": {**PAPER, "stage2.preserve": "l2sp", "stage2.preserve_weight": 10.0},
+    "default": {"stage2.contrast": "dense", "stage2.preserve": "l2sp", "stage2.preserve_weight": 1.0,
+                "stage2.crop_scale_min": 0.5},
 }
 
 
@@ -193,7 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--categories", default="mvtec_ad/bottle,mpdd/metal_plate,magnetic_tile/mt")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="paper,dense,feature,dense+feature,l2sp")
     ap.add_argument("--config", default=None, help="base config (default: the library defaults)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)

@@ -15,7 +15,7 @@ from tocoad_ray.models.backbone import FeatureExtractor
 from tocoad_ray.patch_model import PatchModel
 from tocoad_ray.pipeline import _loader, extract
 from tocoad_ray.synth import AnomalyGenerator
-from tocoad_ray.train.common import STAGE_IDS, ViewAugment, iter_batches, prepare_images
+from tocoad_ray.train.common import STAGE_IDS, iter_batches, prepare_images, view_augment
 from tocoad_ray.train.stage1 import make_stage1_batch
 from tocoad_ray.train.stage2 import make_stage2_batch
 
@@ -49,7 +49,7 @@ def _reference(s, stage, epoch):
     if stage == 1:
         make = lambda ims, rngs: make_stage1_batch(ims, gen, pre, rngs)  # noqa: E731
     else:
-        aug = ViewAugment(pre.size)
+        aug = view_augment(cfg, pre.size)
         make = lambda ims, rngs: make_stage2_batch(ims, pre, rngs, cfg.stage2.num_views, aug, gen)  # noqa: E731
     return list(iter_batches(imgs, sc.batch_size, sc.max_steps_per_epoch, cfg.seed, stage, epoch, make))
 

@@ -20,7 +20,12 @@ from tocoad_ray.train import (CheckpointError, Stage1Trainer, Stage2Trainer, Vie
 from tocoad_ray.train import stage2 as stage2_mod
 
 
+PAPER_STAGE2 = dict(lr=0.01, contrast="global", preserve="none", crop_scale_min=0.2)
+
+
 def tiny_cfg(size: int = 64, epochs: int = 2, **stage2) -> Config:
+    """The paper's stage II form unless ``stage2`` says otherwise (the library default is anchored)."""
+    stage2 = {**PAPER_STAGE2, **stage2}
     cfg = Config(method="tocoad", seed=3)
     cfg.data = replace(cfg.data, image_size=size, crop_size=size)
     cfg.backbone = replace(cfg.backbone, weights="random")

@@ -91,7 +91,7 @@ def default_space(cfg: Config) -> dict[str, dict[str, Any]]:
         space.update({
             "stage2.lam": {"uniform": [0.1, 0.9]},
             "stage1.lr": {"loguniform": [s1.lr / 3, s1.lr * 3]},
-            "stage2.lr": {"loguniform": [s2.lr / 30, s2.lr]},
+            "stage2.lr": {"loguniform": [s2.lr / 10, s2.lr * 10]},
             "stage1.epochs": {"choice": sorted({max(1, s1.epochs // 2), s1.epochs})},
             "stage2.epochs": {"choice": sorted({max(1, s2.epochs // 2), s2.epochs})},
             "generator.kind": {"choice": ["perlin", "cutpaste"]},
