@@ -45,7 +45,7 @@ from tocoad_ray.train.losses import correspondence  # noqa: E402
 from tocoad_ray.train.stage1 import Stage1Trainer, make_stage1_batch  # noqa: E402
 from tocoad_ray.train.stage2 import Stage2Trainer, make_stage2_batch  # noqa: E402
 
-PAPER = {"stage2.contrast": "global", "stage2.preserve": "none", "stage2.crop_scale_min": 0.2}  # lr: --lr
+PAPER = {"stage2.contrast": "global", "stage2.preserve": "none", "stage2.crop_scale_min": 0.2, "stage2.lr": 0.01}
 VARIANTS = {  # each is the paper's form with one change (the library default is dense + l2sp β 1, crop 0.5)
     "paper": PAPER,
     "dense": {**PAPER, "stage2.contrast": "dense"},
@@ -53,7 +53,7 @@ VARIANTS = {  # each is the paper's form with one change (the library default is
     "dense+feature": {**PAPER, "stage2.contrast": "dense", "stage2.preserve": "feature", "stage2.preserve_weight": 3.0},
     "l2sp": {**PAPER, "stage2.preserve": "l2sp", "stage2.preserve_weight": 10.0},
     "default": {"stage2.contrast": "dense", "stage2.preserve": "l2sp", "stage2.preserve_weight": 1.0,
-                "stage2.crop_scale_min": 0.5},
+                "stage2.crop_scale_min": 0.5, "stage2.lr": 0.001},
 }
 
 
@@ -80,8 +80,7 @@ def cosine_stats(feats_a: dict, feats_b: dict, box_a: torch.Tensor, box_b: torch
 
 def run_category(args, category: str, device: torch.device) -> dict:
     overrides = {"method": "tocoad", "seed": args.seed, "data.image_size": args.size, "data.crop_size": None,
-                 "stage1.batch_size": args.batch, "stage2.batch_size": args.batch, "stage2.lr": args.lr,
-                 "stage2.lam": args.lam}
+                 "stage1.batch_size": args.batch, "stage2.batch_size": args.batch, "stage2.lam": args.lam}
     for kv in args.set:
         k, v = kv.split("=", 1)
         import yaml
@@ -120,7 +119,8 @@ def run_category(args, category: str, device: torch.device) -> dict:
 
     result = {"category": category, "n_train": len(train), "n_heldout": len(held), "stage1": stage1, "variants": {}}
     for name in args.variants:
-        cfg = load_config(args.config, {**overrides, **VARIANTS[name]})
+        lr = {} if args.lr is None else {"stage2.lr": args.lr}
+        cfg = load_config(args.config, {**overrides, **VARIANTS[name], **lr})
         f = copy.deepcopy(f0)
         d = t1.discriminator
         d.load_state_dict(d_state)
@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--stage1-steps", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40, help="stage II steps per variant")
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=None, help="stage II lr for every variant (default: each variant's)")
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--diag-every", type=int, default=1)
