@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as Fn
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,7 +84,6 @@ def run_category(args, category: str, device: torch.device) -> dict:
                  "stage1.batch_size": args.batch, "stage2.batch_size": args.batch, "stage2.lam": args.lam}
     for kv in args.set:
         k, v = kv.split("=", 1)
-        import yaml
         overrides[k] = yaml.safe_load(v)
     base = load_config(args.config, overrides)
     split = load_split(args.data, category, base.data.layout)
@@ -219,10 +219,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for cat in args.categories.split(","):
-        root, name = (str(Path(args.data) / cat.rsplit("/", 1)[0]), cat.rsplit("/", 1)[1]) if "/" in cat else (args.data, cat)
-        res = run_category(args, name, device) if "/" not in cat else run_category(
-            argparse.Namespace(**{**vars(args), "data": root}), name, device)
+    for cat in args.categories.split(","):  # "dataset/category" under --data, or a category of --data
+        sub, _, name = cat.rpartition("/")
+        res = run_category(argparse.Namespace(**{**vars(args), "data": str(Path(args.data) / sub)}), name, device)
         res["bank_layers"] = list(load_config(args.config).backbone.layers)
         results.append(res)
     doc = {"bench": "stage2_dynamics", "device": str(device), "torch_threads": torch.get_num_threads(),

@@ -92,9 +92,8 @@ def dense_neg_cosine(p_a: torch.Tensor, z_b: torch.Tensor, box_a: torch.Tensor, 
     grid, valid = correspondence(box_a, box_b, *p_a.shape[-2:])
     zb = Fn.grid_sample(z_b.detach(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     cos = (Fn.normalize(p_a, dim=1) * Fn.normalize(zb, dim=1)).sum(dim=1)  # [B, h, w]
-    if not bool(valid.any()):
-        return cos.sum() * 0.0
-    return -cos[valid].mean()
+    v = valid.to(cos.dtype)  # a masked mean, so no host sync on a GPU step
+    return -(cos * v).sum() / v.sum().clamp_min(1.0)
 
 
 def dense_sym_loss(ps: list[torch.Tensor], zs: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:

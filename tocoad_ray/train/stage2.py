@@ -75,7 +75,8 @@ def make_stage2_batch(images_uint8: list[np.ndarray], preprocess: Preprocess,
                       rng: np.random.Generator | Sequence[np.random.Generator], num_views: int = 2,
                       augment: ViewAugment | None = None, generator=None) -> dict[str, Any]:
     """{"views": M tensors [B, 3, S, S] (views v^1..v^M of the normal images, augmentation set S),
-    "boxes": M tensors [B, 4] (their crop boxes), "image"/"mask": G's samples as in ``make_stage1_batch`` (absent when ``generator`` is None)}.
+    "boxes": M tensors [B, 4] (their crop boxes), "image"/"mask": G's samples as in
+    ``make_stage1_batch`` (absent when ``generator`` is None)}.
     ``rng``: one per image (as the trainers use it) or one shared."""
     augment = augment or ViewAugment(preprocess.size)
     rows = [stage2_sample(img, preprocess, r, num_views, augment, generator)
@@ -261,8 +262,7 @@ class Stage2Trainer(StageTrainer):
         return feature_preservation({l: feats[l][:batch] for l in self.preserve_layers}, anchor, self.preserve_layers)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        self._set_modes()
-        out = self.losses(batch)
+        out = self.losses(batch)  # sets the train/eval modes
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"stage2: non-finite loss {loss.item()} at epoch {self.epoch}")
