@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tocoad_ray.config import Config, ConfigError, load_config
+from tocoad_ray.distributed.storage import is_uri, resolve
 
 # The embedded default (no --config, elpv data): ToCoAD with both stages and 2 DDP workers per
 # category at a CPU budget that ends within 12 minutes on a 2-core machine. The paper's schedule
@@ -92,24 +93,37 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
     from tocoad_ray.artifact import atomic_write_bytes
     from tocoad_ray.distributed.category import train_category_safe
     from tocoad_ray.distributed.progress import format_line, start_board
+    from tocoad_ray.distributed.storage import check_cluster
     from tocoad_ray.run_report import write_run_report
 
     if not categories:
         raise ConfigError("no categories to train")
     if len(set(categories)) != len(categories):
         raise ConfigError(f"categories listed twice: {categories}")
-    out = Path(out).resolve()
+    if is_uri(out):
+        raise ConfigError(f"--out {out}: the output folder must be a filesystem path every node mounts (artifacts are "
+                          f"written as files); put Ray's checkpoints on a URI with distributed.storage_path")
+    out = Path(resolve(out))
+    data_root = data_root if data_root in ("-", "", None) else resolve(data_root)  # tasks run in other folders
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())
-    storage = str(Path(cfg.distributed.storage_path).resolve() if cfg.distributed.storage_path and "://" not in
-                  cfg.distributed.storage_path else (cfg.distributed.storage_path or out / "ray"))
+    storage = resolve(cfg.distributed.storage_path) if cfg.distributed.storage_path else str(out / "ray")
     limit = cfg.distributed.max_concurrent_categories or len(categories)
     where = connect(address, cfg, min(limit, len(categories)), verbose)
+    t_check = time.perf_counter()
+    check_cluster({"output folder (--out)": str(out), "distributed.storage_path": storage},
+                  readable=node_inputs(cfg, data_root))
+    echo(f"train-all: output {out} and storage {storage} checked on every node "
+         f"({time.perf_counter() - t_check:.1f}s)")
+    atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())
     t0 = time.perf_counter()
     board_name = f"tocoad-progress-{uuid.uuid4().hex[:8]}"
     board = start_board(board_name)
     mem = int(cfg.distributed.category_memory_gb * 2**30)
-    task = ray.remote(num_cpus=cfg.distributed.driver_cpus, max_retries=0)(train_category_safe)
+    # a category's driver is retried on another node when its node dies (system failures only:
+    # a category's own errors come back as a "failed" result); it resumes from its checkpoints
+    retries = cfg.distributed.max_failures
+    task = ray.remote(num_cpus=cfg.distributed.driver_cpus, resources=cfg.distributed.driver_resources or None,
+                      max_retries=retries)(train_category_safe)
     if mem:
         if mem > ray.cluster_resources().get("memory", 0):
             raise ConfigError(f"distributed.category_memory_gb={cfg.distributed.category_memory_gb} is more than the "
@@ -128,9 +142,10 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
         for ref in ready:
             cat = pending.pop(ref)
             try:
-                results[cat] = ray.get(ref)
-            except Exception as e:  # the driver process itself died
-                results[cat] = {"category": cat, "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+                results[cat] = visible_result(ray.get(ref), out)
+            except Exception as e:  # noqa: BLE001 - the driver died more often than it may be retried
+                results[cat] = {"category": cat, "status": "failed",
+                                "error": (f"{type(e).__name__}: {e}".strip().splitlines() or ["?"])[0]}
         try:
             snap = ray.get(board.snapshot.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - progress is best effort
@@ -149,9 +164,34 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
                 shown[cat] = line
                 echo(f"  [{time.perf_counter() - t0:6.0f}s] {line}")
     wall = time.perf_counter() - t0
+    for cat in categories:  # every category gets a row, with a reason
+        results.setdefault(cat, {"category": cat, "status": "failed", "error": "the run ended before it finished"})
     report = write_run_report(out, cfg, results, categories, wall, {
         "address": where, "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}})
     return report
+
+
+def node_inputs(cfg: Config, data_root: str | None) -> dict[str, str]:
+    """Local files every node that trains must read: the data, G's textures, F's weights file."""
+    need = {}
+    if data_root not in (None, "", "-") and not is_uri(data_root):
+        need["data root (--data)"] = str(data_root)
+    if cfg.generator.texture_dir:
+        need["generator.texture_dir"] = resolve(cfg.generator.texture_dir)
+    if cfg.backbone.weights not in ("pretrained", "random"):
+        need["backbone.weights"] = resolve(cfg.backbone.weights)
+    return need
+
+
+def visible_result(res: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A category reported done must have left its result where the driver reads it: a task on a
+    node that wrote to a node-local folder would otherwise "succeed" with the output out of reach."""
+    cat = res.get("category")
+    if res.get("status") == "ok" and not (out / "work" / str(cat) / "result.json").is_file():
+        return {"category": cat, "status": "failed",
+                "error": f"StorageError: {cat} finished on another node but {out / 'work' / str(cat) / 'result.json'} "
+                         f"is not visible here: --out must be shared by every node"}
+    return res
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

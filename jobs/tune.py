@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tocoad_ray.config import Config, ConfigError, from_dict
+from tocoad_ray.distributed.storage import is_uri, join, resolve
 from tocoad_ray.search_space import SearchPlan, apply, load_plan, max_reports
 
 EXPERIMENT = "search"
@@ -46,6 +47,16 @@ def config_digest(cfg: Config) -> str:
 def run_dir(out: Path, cfg: Config) -> Path:
     """One folder per distinct configuration: a trial and the default run with equal configs share it."""
     return out / "runs" / config_digest(cfg)
+
+
+def storage_root(cfg: Config, out: str | Path) -> str:
+    """Ray's storage for the search: ``distributed.storage_path`` (a shared folder or a URI), else OUT."""
+    return resolve(cfg.distributed.storage_path) if cfg.distributed.storage_path else str(out)
+
+
+def run_storage(cfg: Config, out: str | Path) -> str:
+    """Ray Train storage of one configuration's run (its checkpoints), beside its Tune experiment."""
+    return join(storage_root(cfg, out), "runs", config_digest(cfg), "ray")
 
 
 def trial_needs(cfg: Config, gpu: bool) -> dict[str, float]:
@@ -100,7 +111,7 @@ def trial(params: dict[str, Any], base: dict, data_root: str, out: str, validati
     # two trials can sample the same configuration: the second waits and reuses the first's run
     # (each configuration has its own Ray Train storage, so different trials never share a run)
     with FileLock(str(folder / f".{category}.lock")):
-        res = train_category(cfg, data_root, category, folder, str(folder / "ray"),
+        res = train_category(cfg, data_root, category, folder, run_storage(cfg, out),
                              validation=ValidationConfig(**validation), val_generator=val_generator,
                              callbacks=[TuneReportCallback()] if cfg.method == "tocoad" else None)
     ray.tune.report({**{k: v for k, v in res["metrics"].items() if k.startswith("val_")},
@@ -146,11 +157,13 @@ def _search(plan: SearchPlan, data_root: str, categories: list[str], out: Path, 
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=plan.base.to_dict(), data_root=str(data_root), out=str(out),
                              validation=json.loads(json.dumps(_dc(s.validation))), val_generator=plan.val_generator),
-        {"CPU": plan.base.distributed.driver_cpus, "memory": plan.base.distributed.category_memory_gb * 2**30})
-    exp = out / EXPERIMENT
-    if tune.Tuner.can_restore(str(exp)):
+        {"CPU": plan.base.distributed.driver_cpus, "memory": plan.base.distributed.category_memory_gb * 2**30,
+         **plan.base.distributed.driver_resources})
+    storage = storage_root(plan.base, out)
+    exp = join(storage, EXPERIMENT)
+    if tune.Tuner.can_restore(exp):
         echo(f"tune: resuming the search in {exp}")
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = (PerCategoryASHA(time_attr="training_iteration", max_t=max_reports(plan.base, plan.space),
                                      grace_period=s.asha.grace_period, reduction_factor=s.asha.reduction_factor)
@@ -161,7 +174,7 @@ def _search(plan: SearchPlan, data_root: str, categories: list[str], out: Path, 
                                         # the generator itself limits concurrency (Tune ignores
                                         # max_concurrent_trials next to a SearchGenerator)
                                         search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1))
     return tuner.fit()
 
@@ -227,11 +240,11 @@ def _finish(plan: SearchPlan, data_root: str, categories: list[str], out: Path, 
 
     d = plan.base.distributed
     train = ray.remote(num_cpus=d.driver_cpus, memory=int(d.category_memory_gb * 2**30) or None,
-                       max_retries=0)(train_category_safe)
+                       resources=d.driver_resources or None, max_retries=d.max_failures)(train_category_safe)
     test = ray.remote(num_cpus=1)(_test_once)
     vcfg = ValidationConfig(**_dc(plan.search.validation))
     default_dir = run_dir(out, plan.base)
-    default_refs = {cat: train.remote(plan.base, data_root, cat, str(default_dir), str(default_dir / "ray"),
+    default_refs = {cat: train.remote(plan.base, data_root, cat, str(default_dir), run_storage(plan.base, out),
                                       validation=vcfg, val_generator=plan.val_generator) for cat in categories}
     summary: dict[str, dict[str, Any]] = {}
     metric = plan.search.metric
@@ -290,7 +303,11 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
     from jobs.train_all import local_cpus
 
     check_categories(plan, data_root, categories)
-    out = Path(out).resolve()
+    if is_uri(out):
+        raise ConfigError(f"--out {out}: the output folder must be a filesystem path every node mounts; "
+                          f"put Ray's storage on a URI with distributed.storage_path")
+    out = Path(resolve(out))
+    data_root = data_root if data_root in ("-", "", None) else resolve(data_root)  # trials run in other folders
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "search.yaml"
     import yaml
@@ -316,6 +333,11 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
         # (without it those CPUs stay reserved and the next trial's data tasks starve)
         ray.init(num_cpus=local_cpus(plan.base, n), include_dashboard=True, log_to_driver=verbose)
         where = "local"
+    from tocoad_ray.distributed.storage import check_cluster
+    from jobs.train_all import node_inputs
+
+    check_cluster({"output folder (--out)": str(out), "distributed.storage_path": storage_root(plan.base, out)},
+                  readable=node_inputs(plan.base, data_root))
     concurrent = max_concurrent(plan.base, resources, plan.search.max_concurrent_trials)
     n_trials = plan.search.num_samples * len(categories)
     echo(f"tune: {n_trials} trials ({plan.search.num_samples} per category: {', '.join(categories)}), method "

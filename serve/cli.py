@@ -16,6 +16,12 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--shards", type=int, help="bank shards per product (default: config default_shards, else 1)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to deploy on (default: RAY_ADDRESS, else an embedded local Ray); artifacts and "
+                        "the config must be on storage every node mounts at the same path")
+    p.add_argument("--proxy", choices=["every-node", "head"], default="every-node",
+                   help="where Serve's HTTP proxies run on a cluster: every node (behind a load balancer) or the "
+                        "head only")
     p.set_defaults(func=cmd_serve)
 
 
@@ -46,10 +52,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tocoad serve: error: {e}", flush=True)
         return 2
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        from tocoad_ray.distributed.storage import StorageError, check_cluster
+
+        try:  # replicas load artifacts wherever Serve places them
+            check_cluster({}, readable={"artifacts folder (--artifacts)": overrides.get("artifacts_dir"),
+                                        "service config (--config)": overrides.get("watch_file")})
+        except StorageError as e:
+            print(f"tocoad serve: error: {e}", flush=True)
+            ray.shutdown()
+            return 2
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(proxy_location="HeadOnly" if args.proxy == "head" else "EveryNode",
+                    http_options={"host": args.host, "port": args.port})
         serve.run(build_app({}, overrides), name="tocoad", route_prefix="/")
         print(f"serving on http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C to stop", flush=True)
         stop = threading.Event()

@@ -10,6 +10,7 @@ from typing import Any
 from .artifact import ArtifactError, atomic_write_bytes
 from .config import ConfigError, load_config
 from .data import DataError
+from .distributed.storage import StorageError
 from .models.weights import WeightsError
 
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         args.layout = "elpv"
     try:
         return args.func(args)
-    except (ConfigError, DataError, ArtifactError, WeightsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, ArtifactError, WeightsError, StorageError, FileNotFoundError, ValueError) as e:
         print(f"tocoad {args.command}: error: {e}", file=sys.stderr)
         return 2
 

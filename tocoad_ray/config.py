@@ -224,6 +224,9 @@ class ReConPatchConfig:
     max_patches: int = 200_000  # patches sampled from the training set per epoch
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class DistributedConfig:
     """Ray execution of ``tocoad train-all`` (does not change the math).
@@ -250,6 +253,13 @@ class DistributedConfig:
     # as many categories as fit; 0: no reservation. 3 categories at once ran a 24 GiB node out of memory.
     category_memory_gb: float = 6.0
     baseline: bool = True  # also build frozen-F PatchCore in the same run, for the report
+    # where work lands on a cluster: Ray's placement of a stage's DDP workers (PACK: as few nodes as
+    # possible; SPREAD: one per node where it can), and custom resources (``ray start --resources``)
+    # that each training worker / each category driver (train-all, Tune trials) asks for, to steer
+    # them onto node groups, e.g. {"trainer": 1}
+    placement_strategy: str = "PACK"
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    driver_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -269,6 +279,14 @@ class DistributedConfig:
             raise ConfigError(f"distributed.category_memory_gb must be >= 0, got {self.category_memory_gb}")
         if self.max_concurrent_categories < 0:
             raise ConfigError(f"distributed.max_concurrent_categories must be >= 0, got {self.max_concurrent_categories}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"distributed.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                              f"got {self.placement_strategy!r}")
+        for key in ("worker_resources", "driver_resources"):
+            bad = {k: v for k, v in getattr(self, key).items() if k in ("CPU", "GPU", "memory") or v < 0}
+            if bad:
+                raise ConfigError(f"distributed.{key} takes custom resources >= 0 (CPU, GPU and memory have their "
+                                  f"own settings), got {bad}")
 
 
 @dataclass
@@ -322,6 +340,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (arg,) = typing.get_args(tp) or (Any,)
         return [_check_type(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -41,9 +41,15 @@ from .stages import STAGE_NAMES, run_stage, stage_fingerprint, use_gpu
 RESULT = "result.json"
 
 
+# where the work ran, not what it computed: a finished category is reused whatever these were
+PLACEMENT_KEYS = ("placement_strategy", "worker_resources", "driver_resources")
+
+
 def category_fingerprint(cfg: Config, data_root: str | Path, category: str, validation: dict | None = None) -> str:
     """A finished category is reused only for the same config, data, category and validation plan."""
-    return hashlib.sha256(fingerprint({"config": cfg.to_dict(), "data": str(data_root), "category": category,
+    conf = cfg.to_dict()
+    conf["distributed"] = {k: v for k, v in conf["distributed"].items() if k not in PLACEMENT_KEYS}
+    return hashlib.sha256(fingerprint({"config": conf, "data": str(data_root), "category": category,
                                        **({"validation": validation} if validation else {})}).encode()).hexdigest()
 
 
@@ -108,17 +114,19 @@ def _state_digest(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _remote_reconpatch(cfg: Config, storage: str, category: str) -> Callable[..., torch.nn.Module]:
-    """``train_adapter`` for ``finish_fit``: ReConPatch's training as one Ray task."""
+def _remote_reconpatch(cfg: Config, work: Path, category: str) -> Callable[..., torch.nn.Module]:
+    """``train_adapter`` for ``finish_fit``: ReConPatch's training as one Ray task, checkpointing
+    into the category's ``work/`` folder (on the shared output folder: the task may run on another
+    node, and ``storage_path`` may be a URI that only Ray reads)."""
     import ray
 
     def train(cfg_: Config, patches: torch.Tensor, workdir: Path, **_: Any) -> torch.nn.Module:
         from ..models.reconpatch import PatchAdapter
 
         task = ray.remote(num_cpus=cfg.distributed.driver_cpus, num_gpus=1 if use_gpu(cfg) else 0,
+                          resources=cfg.distributed.worker_resources or None,
                           max_retries=cfg.distributed.max_failures)(_reconpatch_task)
-        ckdir = str(Path(storage) / f"{category}-reconpatch")  # shared storage: the task may run elsewhere
-        sd = ray.get(task.remote(cfg_.to_dict(), ray.put(patches.numpy()), ckdir))
+        sd = ray.get(task.remote(cfg_.to_dict(), ray.put(patches.numpy()), str(work / "reconpatch")))
         return PatchAdapter.from_state_dict(sd)
 
     return train
@@ -134,7 +142,7 @@ def _reconpatch_task(cfg: dict, patches: np.ndarray, workdir: str) -> dict[str, 
 
 
 def _bank(cfg: Config, out: Path, category: str, data_root: str | Path, paths: list[Path], weights: str,
-          files: dict[str, str], timings: dict[str, float], t_start: float, storage: str,
+          files: dict[str, str], timings: dict[str, float], t_start: float, work: Path,
           log: Callable[[str], None]) -> dict[str, Any]:
     """Features through Ray Data, then ``pipeline.finish_fit`` exactly as ``tocoad fit``."""
     from ..models.backbone import resolve_device
@@ -152,7 +160,7 @@ def _bank(cfg: Config, out: Path, category: str, data_root: str | Path, paths: l
     preprocess = Preprocess(cfg.data, extractor.mean, extractor.std)
     return finish_fit(cfg, out, category, data_root, extractor, preprocess, patches, grid, len(paths), files=files,
                       timings=timings, t_start=t_start, device=resolve_device("cpu"), progress=False, log=log,
-                      train_adapter=_remote_reconpatch(cfg, storage, category) if cfg.method == "reconpatch" else None)
+                      train_adapter=_remote_reconpatch(cfg, work, category) if cfg.method == "reconpatch" else None)
 
 
 def _evaluate(art: Path, data_root: str | Path, category: str, cfg: Config) -> dict[str, Any]:
@@ -265,7 +273,7 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         atomic_write_bytes(art / "train" / "train_log.jsonl", ("\n".join(lines) + "\n").encode())
 
     report_progress(board, category, stage="bank")
-    meta = _bank(cfg, art, category, data_root, paths, weights, files, timings, t0, storage, say)
+    meta = _bank(cfg, art, category, data_root, paths, weights, files, timings, t0, work, say)
     def score(artifact: Path, c: Config) -> dict[str, Any]:
         if vset is None:
             return _evaluate(artifact, data_root, category, c)
@@ -284,7 +292,7 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         report_progress(board, category, stage="baseline")
         t = time.perf_counter()
         cfg_b = replace(cfg, method="patchcore")
-        _bank(cfg_b, base, category, data_root, paths, cfg.backbone.weights, {}, {}, t, storage, say)
+        _bank(cfg_b, base, category, data_root, paths, cfg.backbone.weights, {}, {}, t, work, say)
         baseline = score(base, cfg_b)
         timings["baseline_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0

@@ -53,7 +53,8 @@ def extract_features(paths: Sequence[str | Path], cfg: Config, weights: str, act
     ds = ds.map_batches(PatchEmbedder, fn_constructor_kwargs={"cfg": cfg.to_dict(), "weights": weights,
                                                               "device": "cuda" if use_gpu else "cpu"},
                         batch_size=cfg.bank.batch_size, compute=ActorPoolStrategy(size=actors),
-                        num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+                        num_cpus=cpus, num_gpus=1 if use_gpu else 0,
+                        **({"resources": cfg.distributed.worker_resources} if cfg.distributed.worker_resources else {}))
     parts: dict[int, np.ndarray] = {}
     grid = None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -31,9 +31,14 @@ class ProgressBoard:
 
 
 def start_board(name: str):
+    """The board lives on the job driver's node: it must outlive any worker node, and a board on
+    a lost node would take the run's progress with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(ProgressBoard).options(name=name, lifetime="non_detached").remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(ProgressBoard).options(name=name, lifetime="non_detached",
+                                                         scheduling_strategy=here).remote()
 
 
 def report_progress(board_name: str | None, category: str, **fields: Any) -> None:
