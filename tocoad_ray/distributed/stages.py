@@ -2,8 +2,9 @@
 
 ``stage_loop`` runs on every worker: it builds the library's ``Stage1Trainer`` (D over frozen F)
 or ``Stage2Trainer`` (F + C with frozen D), wraps the trainable part with
-``ray.train.torch.prepare_model`` (DDP: gloo on CPU, nccl on GPU; nothing to wrap with one
-worker), resumes from ``ray.train.get_checkpoint()``, and trains on its shard of the Ray Data pipeline
+``ray.train.torch.prepare_model`` (DDP: gloo on CPU, nccl on GPU with gloo for CPU tensors:
+``torch_config``; nothing to wrap with one worker), resumes from ``ray.train.get_checkpoint()``,
+and trains on its shard of the Ray Data pipeline
 (``samples.epoch_dataset``: every epoch it still has to train, read with ``iter_torch_batches``,
 ``steps`` batches per epoch); after each epoch it reports the epoch's metrics (mean over workers) and a checkpoint (rank 0, the library's checkpoint format).
 
@@ -71,13 +72,24 @@ def run_name(cfg: Config, stage: int, category: str, salt: str | None = None) ->
     return f"{safe}-{STAGE_NAMES[stage]}-{digest}"
 
 
-def _mean_over_workers(values: dict[str, float], world: int) -> dict[str, float]:
+def mean_over_workers(values: dict[str, float], world: int, device: torch.device | str) -> dict[str, float]:
+    """Mean of each value over the ``world`` workers (an all-reduce on the training ``device``:
+    nccl only takes CUDA tensors)."""
     if world == 1 or not torch.distributed.is_initialized():
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def torch_config(gpu: bool) -> "Any":
+    """The workers' process group: on GPU, nccl for CUDA tensors and gloo for CPU ones (a plain
+    "nccl" group has no CPU backend, so any CPU-side collective would raise); gloo on CPU.
+    Ray passes the string to ``init_process_group`` as is and still sets its NCCL env vars for it."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="cpu:gloo,cuda:nccl" if gpu else "gloo")
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +143,7 @@ def stage_loop(config: dict[str, Any]) -> None:
         m = trainer.train_epoch(batches, epoch)
         if m["steps"] != steps:
             raise RuntimeError(f"{name} epoch {epoch}: worker {rank} got {m['steps']} batches, expected {steps}")
-        m["losses"] = _mean_over_workers(m["losses"], world)
+        m["losses"] = mean_over_workers(m["losses"], world, device)
         m.update(workers=world, images=steps * bw * world, resumed_from=resumed_from)
         if validator is not None and rank == 0:  # validation.QuickValidator: F's score on held-out images
             m.update(validator(trainer.extractor), val_bank="quick", stage=name)
@@ -171,15 +183,16 @@ def use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def scaling(cfg: Config) -> "Any":
+def scaling(cfg: Config, gpu: bool | None = None) -> "Any":
     from ray.train import ScalingConfig
 
     d = cfg.distributed
-    gpu = use_gpu(cfg)
-    res = {"CPU": d.cpus_per_worker}
+    gpu = use_gpu(cfg) if gpu is None else gpu
+    res = {"CPU": d.cpus_per_worker, **d.worker_resources}
     if gpu:
         res["GPU"] = d.gpus_per_worker
-    return ScalingConfig(num_workers=d.num_workers, use_gpu=gpu, resources_per_worker=res)
+    return ScalingConfig(num_workers=d.num_workers, use_gpu=gpu, resources_per_worker=res,
+                         placement_strategy=d.placement_strategy)
 
 
 def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec: SampleSpec, storage_path: str,
@@ -192,13 +205,15 @@ def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec
     from ray.train.torch import TorchTrainer
 
     name = run_name(cfg, stage, category, salt)
+    gpu = use_gpu(cfg)
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         stage_loop,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "store": store, "n_images": n_images, "spec": spec,
                            "discriminator": discriminator_state,
                            "progress": progress, "category": category, "validator": validator},
-        scaling_config=scaling(cfg),
+        scaling_config=scaling(cfg, gpu),
+        torch_config=torch_config(gpu),
         run_config=RunConfig(name=name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),

@@ -37,6 +37,7 @@ class FeatureExtractor(nn.Module):
         cfg = probe.pretrained_cfg
         self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.input_size = tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))
         self.weights_source = "random"
         if weights == "pretrained":
             sd, self.weights_source = resolve_pretrained(name)
@@ -49,6 +50,23 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
         return {l: feats[i] for l, i in zip(self.layers, self._order)}
+
+    def unused_parameters(self, layers: list[str] | tuple[str, ...] | None = None) -> list[str]:
+        """Names (as in ``named_parameters``) of the parameters with no path to any of ``layers``
+        (default: every output layer), e.g. the blocks after the deepest layer, which timm's
+        EfficientNet ``features_only`` runs whatever its ``out_indices``. Found by a backward pass
+        on the meta device: no computation, and F's weights, buffers and modes are untouched."""
+        wanted = list(self.layers if layers is None else layers)
+        missing = [l for l in wanted if l not in self.layers]
+        if missing:
+            raise ValueError(f"extractor has no output layer(s) {missing}; it has {self.layers}")
+        with torch.inference_mode(False), torch.enable_grad():  # whatever the caller's mode
+            params = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in self.named_parameters()}
+            buffers = {n: torch.empty_like(b, device="meta") for n, b in self.named_buffers()}
+            x = torch.zeros(1, *self.input_size, device="meta")
+            feats = torch.func.functional_call(self, {**params, **buffers}, (x,))
+            grads = torch.autograd.grad([feats[l].sum() for l in wanted], list(params.values()), allow_unused=True)
+        return [n for n, g in zip(params, grads) if g is None]
 
     def refresh_checksum(self) -> str:
         """Recompute the weights checksum after fine-tuning (ToCoAD stage II)."""

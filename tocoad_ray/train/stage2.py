@@ -143,8 +143,6 @@ class Stage2Trainer(StageTrainer):
         if missing:
             raise ValueError(f"extractor lacks stage2 layer(s) {missing}; build it with train.common.build_extractor")
         self.extractor = extractor.to(self.device)
-        for p in self.extractor.parameters():
-            p.requires_grad_(True)
         self.discriminator = discriminator
         if discriminator is not None:
             discriminator.to(self.device).eval()
@@ -173,6 +171,12 @@ class Stage2Trainer(StageTrainer):
                 p.requires_grad_(False)
         elif s.preserve == "l2sp":
             self.anchor_weights = [p.detach().clone() for p in self.extractor.parameters()]
+        # F's params reaching no layer a loss reads (timm runs blocks past it) get no grad: frozen, DDP awaits none
+        read = list(extractor.layers) if discriminator is not None else self.layers + (
+            self.preserve_layers if s.preserve == "feature" else [])
+        unused = set(self.extractor.unused_parameters(read))
+        for n, p in self.extractor.named_parameters():
+            p.requires_grad_(n not in unused)
         # L2-SP replaces F's decay toward 0 by the pull toward w0; C keeps its weight decay
         f_decay = 0.0 if s.preserve == "l2sp" else s.weight_decay
         self.optimizer = torch.optim.SGD([
