@@ -8,8 +8,8 @@
   ``backbone.stage2_layers`` stops before EfficientNet's last block: the blocks after it must not
   be waited for.
 
-Both run two processes (``torch.multiprocessing.spawn``) without Ray. Also: ``run_stage`` hands the
-TorchTrainer that process group, and ``bench/gpu_check.py`` without CUDA says so and exits 2.
+Both run two processes (``torch.multiprocessing.spawn``) without Ray. Also: ``bench/gpu_check.py``
+without CUDA says so and exits 2.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tocoad_ray.config import Config, replace
-from tocoad_ray.distributed import stages
 from tocoad_ray.distributed.stages import mean_over_workers, torch_config
 
 STUB_NCCL = "stubnccl"
@@ -73,28 +72,6 @@ def test_gpu_process_group_takes_the_cpu_metrics_all_reduce(tmp_path):
     from ray.train.torch.config import _is_backend_nccl
     assert _is_backend_nccl(gpu)  # Ray still sets its NCCL error-handling env var for this group
     assert torch_config(gpu=False).backend == "gloo"
-
-
-def test_run_stage_gives_the_trainer_the_process_group_config(monkeypatch, tmp_path):
-    import ray.train.torch
-
-    seen = {}
-
-    class Captured(Exception):
-        pass
-
-    def fake_trainer(*args, **kwargs):
-        seen.update(kwargs)
-        raise Captured
-
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
-    for gpu, backend in ((True, "cpu:gloo,cuda:nccl"), (False, "gloo")):
-        cfg = Config(method="tocoad")
-        cfg.distributed = replace(cfg.distributed, use_gpu=gpu, num_workers=2)
-        with pytest.raises(Captured):
-            stages.run_stage(cfg, 1, "bottle", None, 4, None, str(tmp_path))
-        assert seen["torch_config"].backend == backend
-        assert seen["scaling_config"].use_gpu is gpu
 
 
 # --- stage II under DDP with stage2_layers short of the last block ---------------------------------

@@ -2,13 +2,10 @@
 and the storage check reads and writes through pyarrow for both kinds."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from tocoad_ray.config import ConfigError, load_config
-from tocoad_ray.distributed.storage import (StorageError, describe, filesystem, is_uri, join, read_text, resolve,
+from tocoad_ray.distributed.storage import (describe, filesystem, is_uri, join, read_text, resolve,
                                             write_text, NodeAnswer)
 
 

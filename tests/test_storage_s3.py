@@ -12,7 +12,7 @@ import time
 import pytest
 
 from .cluster_harness import free_port
-from .ray_fixtures import ray_local, tiny_cfg, tiny_root  # noqa: F401 - fixtures
+from .ray_fixtures import tiny_cfg, tiny_root  # noqa: F401 - fixtures
 
 pytest.importorskip("moto", reason="moto (the test extra) runs the local S3 server")
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
