@@ -105,8 +105,9 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
                           f"written as files); put Ray's checkpoints on a URI with distributed.storage_path")
     out = Path(resolve(out))
     data_root = data_root if data_root in ("-", "", None) else resolve(data_root)  # tasks run in other folders
+    cfg = resolve_inputs(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    storage = resolve(cfg.distributed.storage_path) if cfg.distributed.storage_path else str(out / "ray")
+    storage = cfg.distributed.storage_path or str(out / "ray")
     limit = cfg.distributed.max_concurrent_categories or len(categories)
     where = connect(address, cfg, min(limit, len(categories)), verbose)
     t_check = time.perf_counter()
@@ -169,6 +170,17 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
     report = write_run_report(out, cfg, results, categories, wall, {
         "address": where, "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}})
     return report
+
+
+def resolve_inputs(cfg: Config) -> Config:
+    """The config with its local input paths (G's textures, F's weights file, the storage) made
+    absolute on the driver: tasks on other nodes run in other working folders."""
+    from tocoad_ray.config import replace
+
+    d, g, b = cfg.distributed, cfg.generator, cfg.backbone
+    return replace(cfg, generator=replace(g, texture_dir=resolve(g.texture_dir) if g.texture_dir else None),
+                   backbone=replace(b, weights=b.weights if b.weights in ("pretrained", "random") else resolve(b.weights)),
+                   distributed=replace(d, storage_path=resolve(d.storage_path) if d.storage_path else None))
 
 
 def node_inputs(cfg: Config, data_root: str | None) -> dict[str, str]:

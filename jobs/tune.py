@@ -308,6 +308,11 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
                           f"put Ray's storage on a URI with distributed.storage_path")
     out = Path(resolve(out))
     data_root = data_root if data_root in ("-", "", None) else resolve(data_root)  # trials run in other folders
+    from dataclasses import replace as dc_replace
+
+    from jobs.train_all import resolve_inputs
+
+    plan = dc_replace(plan, base=resolve_inputs(plan.base))
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "search.yaml"
     import yaml

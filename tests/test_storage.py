@@ -59,3 +59,16 @@ def test_placement_settings_are_typed():
         load_config(None, {"distributed.driver_resources": {"CPU": 2}})
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(None, {"distributed.driver_resources": 3})
+
+
+def test_input_paths_in_the_config_resolve_on_the_driver(tmp_path, monkeypatch):
+    from jobs.train_all import resolve_inputs
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_inputs(load_config(None, {"generator.texture_dir": "textures", "backbone.weights": "f.safetensors",
+                                            "distributed.storage_path": "ckpt"}))
+    assert cfg.generator.texture_dir == str(tmp_path / "textures")
+    assert cfg.backbone.weights == str(tmp_path / "f.safetensors")
+    assert cfg.distributed.storage_path == str(tmp_path / "ckpt")
+    kept = resolve_inputs(load_config(None, {"distributed.storage_path": "gs://bucket/ray"}))
+    assert kept.distributed.storage_path == "gs://bucket/ray" and kept.backbone.weights == "pretrained"
