@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
+from .geometry import resize_crop_geometry
 from .samples import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,17 +37,7 @@ class Preprocess:
     # --- geometry shared by image and mask -------------------------------------------------------
     def geometry(self, h: int, w: int) -> tuple[int, int, int, int]:
         """(resized_h, resized_w, crop_top, crop_left) for an input of h x w."""
-        s = self.cfg.image_size
-        if self.cfg.keep_aspect:
-            # Same rounding as torchvision.transforms.Resize(int): long side truncated.
-            if h <= w:
-                rh, rw = s, max(s, int(s * w / h))
-            else:
-                rh, rw = max(s, int(s * h / w)), s
-        else:
-            rh, rw = s, s
-        c = self.size
-        return rh, rw, int(round((rh - c) / 2.0)), int(round((rw - c) / 2.0))
+        return resize_crop_geometry(h, w, self.cfg.image_size, self.size, self.cfg.keep_aspect)
 
     def _warp(self, t: torch.Tensor, mode: str) -> torch.Tensor:
         """CxHxW float -> CxSxS via resize then centre crop."""
