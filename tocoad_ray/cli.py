@@ -65,11 +65,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .pipeline import predict
+    if (args.artifact is None) == (args.model is None):
+        raise ValueError("give exactly one of --artifact DIR (torch) or --model FILE (an exported model)")
+    if args.model is not None:
+        from .export.runtime import predict as predict_model
 
-    for r in predict(args.artifact, args.images, args.out, threshold=args.threshold):
+        results = predict_model(args.model, args.images, args.out, threshold=args.threshold, runtime=args.runtime,
+                                threads=args.threads)
+    else:
+        from .pipeline import predict
+
+        results = predict(args.artifact, args.images, args.out, threshold=args.threshold)
+    for r in results:
         verdict = "ANOMALOUS" if r["anomalous"] else "normal"
         print(f"{r['image']}: score {r['score']:.4f} (threshold {r['threshold']:.4f}) {verdict} → {r['heatmap']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.exporter import export_artifact
+
+    meta = export_artifact(args.artifact, args.format, args.out, chunk=args.chunk)
+    size = Path(args.out).stat().st_size + (Path(args.out).with_suffix(".bin").stat().st_size
+                                            if args.format == "openvino" else 0)
+    print(f"wrote {args.out} ({args.format}, {size / 1e6:.1f} MB): {meta['method']}, {meta['bank_format']} bank "
+          f"{meta['bank_size']}×{meta['feature_dim']}, input [batch, 3, {meta['input_size']}, {meta['input_size']}] "
+          f"preprocessed, threshold {meta['threshold']:.4f}")
     return 0
 
 
@@ -137,11 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score images, write heatmap overlays")
-    p.add_argument("--artifact", required=True)
+    p.add_argument("--artifact", help="artifact directory (scored with torch + faiss)")
+    p.add_argument("--model", help="exported .onnx / OpenVINO .xml model (scored with ONNX Runtime or OpenVINO)")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, help="override the artifact's threshold")
+    p.add_argument("--runtime", choices=["auto", "onnxruntime", "openvino"], default="auto",
+                   help="with --model: auto = onnxruntime for .onnx, openvino for .xml")
+    p.add_argument("--threads", type=int, help="with --model: CPU threads (default: all cores)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="one ONNX / OpenVINO / TorchScript model with the memory bank inside")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--format", choices=["onnx", "openvino", "torchscript"], default="onnx")
+    p.add_argument("--out", required=True, help="model file: .onnx, .xml (+ .bin beside it) or .pt")
+    p.add_argument("--chunk", type=int, default=8192, help="bank rows per distance block in the graph")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="main job: fit + evaluate categories, results table")
     p.add_argument("--data", default="-", help="data root (default: the elpv solar cells shipped on PyPI)")
