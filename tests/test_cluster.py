@@ -24,8 +24,9 @@ WHY = unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"the multi-node harness cannot start here: {WHY}")
 
 # 2 categories × (driver 1 + 2 DDP workers × (0.5 + 1 data task × 0.5)) = 6 CPUs at once
-CLUSTER_SETS = {**TINY, "distributed.num_workers": 2, "distributed.data_tasks": 1,
-                "distributed.category_memory_gb": 1.0, "distributed.max_failures": 2}
+# stage I in 4 one-step epochs: a node can be killed between its checkpoints
+CLUSTER_SETS = {**TINY, "stage1.epochs": 4, "stage1.max_steps_per_epoch": 1, "distributed.num_workers": 2,
+                "distributed.data_tasks": 1, "distributed.category_memory_gb": 1.0, "distributed.max_failures": 2}
 
 
 def sets(extra: dict | None = None) -> list[str]:
@@ -237,7 +238,8 @@ def test_losing_a_training_node_restarts_its_workers_elsewhere(cluster, shared_d
     code, log = finish(p)
     assert code == 0, log
     r = json.loads((out / "report.json").read_text())["categories"]["metal_plate"]
-    assert r["status"] == "ok" and max(r["resumed_from"]["stage1"]) >= 1, r
+    assert r["status"] == "ok", r
+    assert max(r["resumed_from"]["stage1"] + r["resumed_from"].get("stage2", [])) >= 1, r  # not from scratch
     same_as_reference(out, single_node_reference, "metal_plate")
     for name in ("drivers", "trainers-new"):  # back to the module's shape
         cluster.kill_node(name)
@@ -322,10 +324,10 @@ def test_serve_shards_on_two_nodes_survive_losing_one(cluster, shared_data):
 
 # -- tune ---------------------------------------------------------------------------------------
 
-TUNE_BASE = {**CLUSTER_SETS, "distributed.num_workers": 1, "distributed.baseline": False, "bank.coreset_ratio": 0.1,
-             "stage1.epochs": 3, "stage1.max_steps_per_epoch": 1}
+TUNE_BASE = {**CLUSTER_SETS, "distributed.num_workers": 1, "distributed.baseline": False, "bank.coreset_ratio": 0.1}
+# one trial whose configuration is the default one: the default run after the search reuses it
 TUNE_SEARCH = {"num_samples": 1, "max_concurrent_trials": 1, "max_failures": 2, "asha": {"enabled": False},
-               "validation": {"fraction": 0.3, "min_images": 2}, "space": {"stage2.lam": {"uniform": [0.2, 0.8]}}}
+               "validation": {"fraction": 0.3, "min_images": 2}, "space": {"stage2.lam": {"choice": [0.5]}}}
 
 
 def _search_file(path: Path) -> Path:

@@ -30,8 +30,8 @@ def s3_server():
         import pyarrow.fs as pafs
 
         fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1")
-        for _ in range(100):
+                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+        for _ in range(300):
             try:
                 fs.create_dir("tocoad")
                 break

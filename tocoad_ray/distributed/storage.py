@@ -124,7 +124,7 @@ def _probe(writable: dict[str, str], readable: dict[str, str], token: str, label
             problems.append((what, path, NOT_SHARED))
             continue
         try:
-            write_text(f"{marker}.{label}", token)
+            write_text(join(path, MARKER_DIR, f"{token}.{label}"), token)
         except Exception as e:  # noqa: BLE001
             problems.append((what, path, f"is not writable there: {type(e).__name__}: {e}"))
     for what, path in readable.items():
