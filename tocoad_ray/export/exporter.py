@@ -9,7 +9,7 @@ to the artifact's preprocessing.
 ONNX goes through torch's TorchScript-based exporter (``dynamo=False``): it turns the matrix
 products, ReduceMin/ArgMin, TopK and Gather of the search into plain ONNX ops without onnxscript;
 constant folding is off so an 8-bit bank stays 8-bit in the file (runtimes fold the decoding when
-they load it). OpenVINO IR is converted from that ONNX graph and saved uncompressed (f32).
+they load it). OpenVINO IR is that ONNX graph read by OpenVINO and serialised unfolded (f32, 8-bit codes kept).
 """
 from __future__ import annotations
 
@@ -95,14 +95,16 @@ def _save_openvino(onnx_path: Path, meta: dict[str, Any], out: Path) -> None:
         import openvino as ov
     except ImportError as e:
         raise ModelError("exporting to OpenVINO needs the openvino package: pip install 'tocoad-ray[export]'") from e
-    model = ov.convert_model(str(onnx_path))
+    # read_model + serialize keeps the graph as exported: convert_model / save_model fold constants,
+    # which decodes an 8-bit bank to float32 and stores the bank once per chunk (4x the file)
+    model = ov.Core().read_model(str(onnx_path))
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as td:
         xml = Path(td) / out.name
-        ov.save_model(model, str(xml), compress_to_fp16=False)
+        ov.serialize(model, str(xml), str(xml.with_suffix(".bin")))
         # the .xml records the .bin's digest, so a truncated or swapped .bin is caught at load
         meta = {**meta, "weights_file": out.with_suffix(".bin").name, "weights_sha256": sha256_file(xml.with_suffix(".bin"))}
         model.set_rt_info(json.dumps(meta), [META_KEY])
-        ov.save_model(model, str(xml), compress_to_fp16=False)
+        ov.serialize(model, str(xml), str(xml.with_suffix(".bin")))
         if sha256_file(xml.with_suffix(".bin")) != meta["weights_sha256"]:
             raise ModelError("OpenVINO wrote different weights on a second save; cannot record their digest")
         os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))  # weights first, the .xml that names them last

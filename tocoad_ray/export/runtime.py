@@ -59,6 +59,8 @@ class EdgeModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        # no arena: it keeps every distance block it ever grew to (measured peak 2.9 → 1.4 GB at batch 16, same speed)
+        opts.enable_cpu_mem_arena = False
         opts.log_severity_level = 3
         try:
             sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
