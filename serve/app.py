@@ -400,6 +400,7 @@ class Ingress:
 
     async def _score(self, product: str, request: Request, map_mode: str | None, threshold: float | None):
         info, settings = await self._product(product, request, map_mode, threshold)
+        self.counts["uploads_started"] += 1  # stats(): this replica is reading a body (a client may leave now)
         data = await read_upload(request, settings["max_upload_bytes"], settings["body_timeout_s"])
         loop = asyncio.get_running_loop()
         x = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
