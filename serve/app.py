@@ -40,6 +40,7 @@ from tocoad_ray.data.image_io import decode_image_bytes
 from tocoad_ray.visualize import encode_png, heatmap_overlay
 
 from .backbone import Backbone
+from .edge import EdgeScorer
 from .config import valid_product_name
 from .errors import ClientGone, ServeError, from_data_error
 from .registry import Registry, effective_config
@@ -229,11 +230,11 @@ def downsample(amap: np.ndarray, size: int) -> np.ndarray:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, registry, backbone, shard):
-        self.registry, self.backbone, self.shard = registry, backbone, shard
+    def __init__(self, registry, backbone, shard, edge=None):
+        self.registry, self.backbone, self.shard, self.edge = registry, backbone, shard, edge
         self._snap: dict[str, Any] | None = None
         self._snap_t = 0.0
-        self._prep: dict[str, Preprocess] = {}
+        self._prep: dict[str, Any] = {}  # version -> Preprocess (torch) or ImagePreprocess (exported models)
         # scoring waits on shard handles with .result(): keep it on threads, off the event loop
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="score")
         self.m_requests = metrics.Counter("tocoad_score_requests", "scoring requests by product and HTTP status",
@@ -394,6 +395,36 @@ class Ingress:
         except DataError as e:
             raise from_data_error(e, settings["max_pixels"]) from e
 
+    # -- products served from an exported model (runtime onnx / openvino) -------------------------
+    def _edge_preprocess(self, info):
+        """The model's own numpy preprocessing (as an edge box runs it)."""
+        from tocoad_ray.export.preprocess import ImagePreprocess
+
+        p = self._prep.get(info["sha"])
+        if p is None:
+            p = ImagePreprocess.from_dict(info["preprocess"])
+            self._prep = {**self._prep, info["sha"]: p} if len(self._prep) < 64 else {info["sha"]: p}
+        return p
+
+    def _prepare_edge(self, info, settings, data: bytes) -> np.ndarray:
+        try:
+            return self._edge_preprocess(info)(decode_image_bytes(data, settings["max_pixels"]))
+        except DataError as e:
+            raise from_data_error(e, settings["max_pixels"]) from e
+
+    async def _score_edge(self, info, x: np.ndarray) -> tuple[float, np.ndarray]:
+        return await self.edge.options(multiplexed_model_id=info["edge_id"]).score.remote(x, info["edge_source"])
+
+    def _finish_edge(self, info, xs, scored, map_mode, threshold, settings) -> list[dict[str, Any]]:
+        pre = self._edge_preprocess(info)
+
+        def display(x: np.ndarray) -> np.ndarray:
+            t = np.clip(x * pre.std + pre.mean, 0.0, 1.0)
+            return (t.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+
+        return [self._result(info, score, lambda amap=amap: amap, lambda x=x: display(x), map_mode, threshold, settings)
+                for x, (score, amap) in zip(xs, scored)]
+
     async def _embed(self, info, x: torch.Tensor):
         return await self.backbone.options(multiplexed_model_id=info["backbone_id"]).embed.remote(
             x.numpy(), info["model_source"])
@@ -403,6 +434,10 @@ class Ingress:
         self.counts["uploads_started"] += 1  # stats(): this replica is reading a body (a client may leave now)
         data = await read_upload(request, settings["max_upload_bytes"], settings["body_timeout_s"])
         loop = asyncio.get_running_loop()
+        if info.get("runtime", "ray") != "ray":
+            x = await loop.run_in_executor(self._pool, self._prepare_edge, info, settings, data)
+            scored = await self._score_edge(info, x)
+            return self._finish_edge(info, [x], [scored], map_mode, threshold, settings)[0]
         x = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
         rows, grid = await self._embed(info, x)
         out = await loop.run_in_executor(self._pool, self._finish, info, [x], [rows], grid, map_mode, threshold,
@@ -434,15 +469,20 @@ class Ingress:
                 if len(data) > settings["max_upload_bytes"]:
                     raise ServeError(413, "payload_too_large", f"image of {len(data)} bytes exceeds the limit of "
                                                                f"{settings['max_upload_bytes']} bytes")
-                xs[i] = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
+                prepare = self._prepare if info.get("runtime", "ray") == "ray" else self._prepare_edge
+                xs[i] = await loop.run_in_executor(self._pool, prepare, info, settings, data)
             except ServeError as e:
                 results[i].update(error=e.code, detail=e.detail)
         try:
             good = sorted(xs)
-            embedded = await asyncio.gather(*(self._embed(info, xs[i]) for i in good))
-            scored = await loop.run_in_executor(self._pool, self._finish, info, [xs[i] for i in good],
-                                                [r for r, _ in embedded], embedded[0][1] if embedded else None, map,
-                                                threshold, settings) if good else []
+            if info.get("runtime", "ray") != "ray":  # the replica batches these into one graph run
+                edge = await asyncio.gather(*(self._score_edge(info, xs[i]) for i in good))
+                scored = self._finish_edge(info, [xs[i] for i in good], edge, map, threshold, settings)
+            else:
+                embedded = await asyncio.gather(*(self._embed(info, xs[i]) for i in good))
+                scored = await loop.run_in_executor(self._pool, self._finish, info, [xs[i] for i in good],
+                                                    [r for r, _ in embedded], embedded[0][1] if embedded else None,
+                                                    map, threshold, settings) if good else []
         except Exception as e:
             rid = request_id()
             log.error("request %s: batch scoring %r failed: %s: %s", rid, tag, type(e).__name__, e, exc_info=e)
@@ -463,33 +503,37 @@ class Ingress:
                                approximate=info["index"] != "exact")
         n = len(rows_list)
         scores, s_prime = score_patches(search, np.concatenate(rows_list), n, info["num_neighbors"])
-        thr = float(threshold) if threshold is not None else info["threshold"]
         h, w = grid
-        out = []
-        for j, x in enumerate(xs):
-            score = float(scores[j])
-            o = {"product": info["name"], "score": score, "anomalous": bool(score >= thr), "threshold": thr,
-                 "threshold_source": "request" if threshold is not None else info["threshold_source"],
-                 "model_version": info["version"], "model_created": info["created"],
-                 "shards": len(info["shards"])}
-            if map_mode in ("png", "array"):
-                amap = anomaly_maps(s_prime[j * h * w:(j + 1) * h * w].reshape(1, h, w), x.shape[-1],
-                                    info["blur_sigma"])[0]
-                if map_mode == "png":
-                    pre = self._preprocess(info)
-                    o["map_png"] = base64.b64encode(encode_png(heatmap_overlay(pre.denormalize(x), amap,
-                                                                               info["score_stats"], thr))).decode()
-                else:
-                    small = downsample(amap, settings["map_array_size"])
-                    o["map"] = np.round(small, 4).tolist()
-                    o["map_shape"] = list(small.shape)
-                    o["map_max"] = float(amap.max())
-            out.append(o)
-        return out
+        pre = self._preprocess(info)
+        return [self._result(info, float(scores[j]),
+                             lambda j=j, x=x: anomaly_maps(s_prime[j * h * w:(j + 1) * h * w].reshape(1, h, w),
+                                                           x.shape[-1], info["blur_sigma"])[0],
+                             lambda x=x: pre.denormalize(x), map_mode, threshold, settings)
+                for j, x in enumerate(xs)]
+
+    @staticmethod
+    def _result(info, score: float, amap, image, map_mode, threshold, settings) -> dict[str, Any]:
+        """One image's answer; ``amap`` / ``image`` (display uint8) are computed only for a map."""
+        thr = float(threshold) if threshold is not None else info["threshold"]
+        o = {"product": info["name"], "score": score, "anomalous": bool(score >= thr), "threshold": thr,
+             "threshold_source": "request" if threshold is not None else info["threshold_source"],
+             "model_version": info["version"], "model_created": info["created"],
+             "shards": len(info["shards"]), "runtime": info.get("runtime", "ray")}
+        if map_mode in ("png", "array"):
+            m = amap()
+            if map_mode == "png":
+                o["map_png"] = base64.b64encode(encode_png(heatmap_overlay(image(), m, info["score_stats"],
+                                                                           thr))).decode()
+            else:
+                small = downsample(m, settings["map_array_size"])
+                o["map"] = np.round(small, 4).tolist()
+                o["map_shape"] = list(small.shape)
+                o["map_max"] = float(m.max())
+        return o
 
 
 def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None):
-    """The Serve application: Ingress → (Registry, Backbone, BankShard), sized from the config."""
+    """The Serve application: Ingress → (Registry, Backbone, BankShard, EdgeScorer), sized from the config."""
     args, overrides = dict(args or {}), dict(overrides or {})
     cfg = effective_config(args, overrides)
     b, s = cfg.backbone, cfg.shards
@@ -505,10 +549,17 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
         max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind()
+    e = cfg.edge
+    edge = EdgeScorer.options(
+        autoscaling_config={"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,
+                            "target_ongoing_requests": e.target_ongoing_requests},
+        max_ongoing_requests=e.max_ongoing_requests,
+        ray_actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
+    ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.torch_threads)
     registry = Registry.options(num_replicas=1, ray_actor_options={"num_cpus": cfg.registry.num_cpus}
-                                ).bind(backbone, shard, args, overrides)
+                                ).bind(backbone, shard, args, overrides, edge)
     return Ingress.options(num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(registry, backbone, shard)
+                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(registry, backbone, shard, edge)
 
 
 def build(args: dict[str, Any]):

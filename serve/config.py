@@ -28,12 +28,18 @@ def valid_product_name(name: str) -> bool:
     return bool(PRODUCT_NAME.match(name)) and ".." not in name
 
 
+RUNTIMES = ("ray", "onnx", "openvino")
+
+
 @dataclass
 class ProductConfig:
     name: str
-    artifact: str
+    artifact: str  # the artifact folder; with runtime onnx / openvino, the exported model file
     shards: int | None = None  # None: ServeConfig.default_shards
     threshold: float | None = None  # overrides the artifact's meta threshold
+    # ray: backbone replicas + the bank in shards; onnx / openvino: the exported model
+    # (`tocoad export`) on ONNX Runtime / OpenVINO, the same graph an edge box runs
+    runtime: str = "ray"
 
 
 @dataclass
@@ -84,6 +90,8 @@ class ServeConfig:
     shards: ShardDeployment = field(default_factory=ShardDeployment)
     ingress: SmallDeployment = field(default_factory=SmallDeployment)
     registry: SmallDeployment = field(default_factory=lambda: SmallDeployment(num_cpus=0.1))
+    # products with runtime onnx / openvino; no replica until such a product is loaded
+    edge: BackboneDeployment = field(default_factory=lambda: BackboneDeployment(min_replicas=0))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +134,8 @@ def from_dict(data: dict[str, Any] | None) -> ServeConfig:
             raise ConfigError(f"config.products: duplicate product {pc.name!r}")
         if pc.shards is not None and int(pc.shards) < 1:
             raise ConfigError(f"config.products[{i}]: shards must be >= 1")
+        if pc.runtime not in RUNTIMES:
+            raise ConfigError(f"config.products[{i}]: runtime must be one of {', '.join(RUNTIMES)}, got {pc.runtime!r}")
         seen.add(pc.name)
         cfg.products.append(pc)
     if cfg.default_shards < 1:

@@ -23,6 +23,7 @@ from ray import serve
 from tocoad_ray.artifact import read_meta
 
 from .backbone import backbone_id, load_patch_model, model_bundle
+from .edge import edge_model_id, files_sha, model_files
 from .config import ServeConfig, from_dict, read_yaml_args, resolve_products
 from .errors import load_failure_kind
 from .shards import meta_sha, read_bank, shard_bounds, shard_id
@@ -50,8 +51,8 @@ class Registry:
     no longer configured or found is forgotten (404). Each published version's bank and model
     weights live in Ray's object store, and replicas load them from there."""
 
-    def __init__(self, backbone, shard, args: dict[str, Any], overrides: dict[str, Any] | None = None):
-        self.backbone, self.shard = backbone, shard
+    def __init__(self, backbone, shard, args: dict[str, Any], overrides: dict[str, Any] | None = None, edge=None):
+        self.backbone, self.shard, self.edge = backbone, shard, edge
         self.args, self.overrides = dict(args or {}), dict(overrides or {})
         self.cfg = effective_config(self.args, self.overrides)
         self.products: dict[str, dict[str, Any]] = {}
@@ -110,10 +111,15 @@ class Registry:
                 self.states.setdefault(p.name, {"state": "loading", "since": time.time()})
                 try:
                     artifact = str(Path(p.artifact).resolve())
-                    sha = meta_sha(artifact)
-                    key = (artifact, sha, p.shards, p.threshold)
+                    if p.runtime == "ray":
+                        sha, files = meta_sha(artifact), None
+                    else:  # an exported model: its version is the sha256 of its files
+                        files = model_files(artifact)
+                        sha = files_sha(files)
+                    key = (artifact, sha, p.shards, p.threshold, p.runtime)
                     if name_key(new.get(p.name)) != key:
-                        new[p.name] = self._load(p.name, artifact, sha, p.shards, p.threshold)
+                        new[p.name] = (self._load(p.name, artifact, sha, p.shards, p.threshold) if files is None else
+                                       self._load_edge(p.name, artifact, sha, files, p.threshold, p.runtime))
                         changed = True
                     self.states[p.name] = {"state": "ready", "since": new[p.name]["loaded_at"]}
                 except Exception as e:  # ``new`` keeps the published version, if any: it keeps serving
@@ -159,8 +165,36 @@ class Registry:
             "index": warmed[1]["index"], "bank_format": meta.get("bank_format", "float32"),
             "bank_bytes": int(sum(w["bytes"] for w in warmed[1:])),
             "shards": [{"id": m, "offset": bounds[i], "size": bounds[i + 1] - bounds[i]} for i, m in enumerate(ids)],
-            "loaded_at": time.time(),
-            "_key": (artifact, sha, shards, threshold),
+            "loaded_at": time.time(), "runtime": "ray",
+            "_key": (artifact, sha, shards, threshold, "ray"),
+        }
+
+    def _load_edge(self, name: str, path: str, sha: str, files: dict[str, bytes], threshold: float | None,
+                   runtime: str) -> dict[str, Any]:
+        """An exported model: its files go to the object store, an EdgeScorer replica loads and
+        checks them (metadata, weights digest) before the version is published."""
+        import ray
+
+        if self.edge is None:
+            raise RuntimeError("this service was built without the EdgeScorer deployment")
+        mid = edge_model_id(path, sha)
+        source = [ray.put(files), Path(path).name, runtime]
+        warmed = self.edge.options(multiplexed_model_id=mid).warm.remote(source).result(timeout_s=WARM_TIMEOUT_S)
+        meta = warmed["meta"]
+        pre = meta["preprocess"]
+        return {
+            "name": name, "artifact": path, "sha": sha, "version": sha[:12], "created": meta.get("created"),
+            "method": meta.get("method"), "category": meta.get("category"),
+            "threshold": float(threshold) if threshold is not None else float(meta["threshold"]),
+            "threshold_source": "config" if threshold is not None else "artifact",
+            "artifact_threshold": float(meta["threshold"]), "score_stats": meta.get("score_stats", {}),
+            "backbone": meta.get("backbone"), "layers": meta.get("layers"),
+            "mean": pre.get("mean"), "std": pre.get("std"), "preprocess": pre,
+            "bank_size": int(meta["bank_size"]), "feature_dim": int(meta["feature_dim"]),
+            "input_size": int(meta["input_size"]), "index": f"exact, in the {runtime} graph",
+            "bank_format": meta["bank_format"], "bank_bytes": int(sum(len(b) for b in files.values())),
+            "shards": [], "runtime": runtime, "edge_id": mid, "edge_source": source,
+            "loaded_at": time.time(), "_key": (path, sha, None, threshold, runtime),
         }
 
     def snapshot(self) -> dict[str, Any]:

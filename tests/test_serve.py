@@ -99,7 +99,10 @@ def tiny(tmp_path_factory, data_root):
     a = _fit(root, base / "art_a")
     b = _fit(root, base / "art_b", **{"bank.coreset_ratio": 0.1})
     c = _fit(root, base / "art_c", **{"bank.coreset_ratio": 1.0, "bank.search": "ivf", "bank.storage": "sq8"})
-    return {"base": base, "root": root, "a": a, "b": b, "c": c}
+    from tocoad_ray.export.exporter import export_artifact
+
+    export_artifact(a, "onnx", base / "a.onnx")  # the same version, as an edge box would score it
+    return {"base": base, "root": root, "a": a, "b": b, "c": c, "onnx": base / "a.onnx"}
 
 
 def _free_port() -> int:
@@ -113,13 +116,14 @@ def _write_config(path: Path, tiny, **extra) -> None:
         "products": [{"name": "b1", "artifact": str(tiny["a"]), "shards": 1},
                      {"name": "b3", "artifact": str(tiny["a"]), "shards": 3},
                      {"name": "fixed", "artifact": str(tiny["a"]), "shards": 2, "threshold": 1.5},
-                     {"name": "compact", "artifact": str(tiny["c"]), "shards": 2}],
+                     {"name": "compact", "artifact": str(tiny["c"]), "shards": 2},
+                     {"name": "edge", "artifact": str(tiny["onnx"]), "runtime": "onnx"}],
         "artifacts_dir": str(tiny["base"] / "live"),
         "poll_interval_s": 0.5, "snapshot_ttl_s": 0.2,
         "max_upload_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "body_timeout_s": BODY_TIMEOUT_S,
         "backbone": {"num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1, "max_batch_size": 4},
         "shards": {"num_cpus": 0.1, "min_replicas": 2, "max_replicas": 2},
-        "ingress": {"num_cpus": 0.1}, "registry": {"num_cpus": 0.1},
+        "ingress": {"num_cpus": 0.1}, "registry": {"num_cpus": 0.1}, "edge": {"num_cpus": 0.1},
         **extra,
     }
     tmp = path.with_suffix(".tmp")
@@ -148,7 +152,7 @@ def service(tiny):
         # right after start the products are still loading: what do a scorer and a probe see?
         early = {"score": client.post("/v1/products/b3/score", content=b"x"), "ready": client.get("/readyz")}
         _wait(lambda: {p["product"] for p in client.get("/v1/products").json()["products"]}
-              >= {"b1", "b3", "fixed", "compact"})
+              >= {"b1", "b3", "fixed", "compact", "edge"}, timeout=120)
         yield {"client": client, "url": f"http://127.0.0.1:{port}", "config": cfg, "early": early, "port": port}
         client.close()
     finally:
@@ -205,6 +209,30 @@ def test_scores_match_evaluate(service, reference, product):
         assert body["threshold"] == pytest.approx(reference["threshold"])
         assert body["product"] == product and body["model_version"]
     np.testing.assert_allclose(got, reference["scores"], rtol=1e-5)
+
+
+def test_exported_model_product_scores_as_evaluate(service, reference):
+    """runtime: onnx: the exported graph (F, bank, eq. 9, blur) on ONNX Runtime in the service, on
+    the single and batch routes, scores and maps as the artifact does in-process."""
+    import torch
+    import torch.nn.functional as Fn
+
+    c = service["client"]
+    listing = {p["product"]: p for p in c.get("/v1/products").json()["products"]}["edge"]
+    assert listing["index"].startswith("exact") and listing["shards"] == []
+    got = []
+    for p in reference["paths"]:
+        body = c.post("/v1/products/edge/score?map=array", content=Path(p).read_bytes()).json()
+        assert body["runtime"] == "onnx" and body["threshold"] == pytest.approx(reference["threshold"])
+        got.append(body["score"])
+    np.testing.assert_allclose(got, reference["scores"], rtol=1e-4)
+    ref = Fn.adaptive_avg_pool2d(torch.from_numpy(reference["maps"][-1])[None, None], (32, 32))[0, 0].numpy()
+    np.testing.assert_allclose(np.asarray(body["map"]), ref, rtol=1e-3, atol=1e-3)
+    files = [("files", (Path(p).name, Path(p).read_bytes())) for p in reference["paths"]]
+    batch = c.post("/v1/products/edge/score-batch", files=files).json()
+    np.testing.assert_allclose([r["score"] for r in batch["results"]], reference["scores"], rtol=1e-4)
+    png = c.post("/v1/products/edge/score?map=png", content=Path(reference["paths"][0]).read_bytes()).json()
+    assert Image.open(io.BytesIO(base64.b64decode(png["map_png"]))).size[1] == 112
 
 
 def test_maps(service, reference):
