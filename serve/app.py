@@ -536,26 +536,17 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
     """The Serve application: Ingress → (Registry, Backbone, BankShard, EdgeScorer), sized from the config."""
     args, overrides = dict(args or {}), dict(overrides or {})
     cfg = effective_config(args, overrides)
-    b, s = cfg.backbone, cfg.shards
-    backbone = Backbone.options(
-        autoscaling_config={"min_replicas": b.min_replicas, "max_replicas": b.max_replicas,
-                            "target_ongoing_requests": b.target_ongoing_requests},
-        max_ongoing_requests=b.max_ongoing_requests,
-        ray_actor_options={"num_cpus": b.num_cpus, "num_gpus": b.num_gpus},
-    ).bind(b.max_batch_size, b.batch_wait_timeout_s, b.torch_threads)
-    shard = BankShard.options(
-        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "target_ongoing_requests": s.target_ongoing_requests},
-        max_ongoing_requests=s.max_ongoing_requests,
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-    ).bind()
-    e = cfg.edge
-    edge = EdgeScorer.options(
-        autoscaling_config={"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,
-                            "target_ongoing_requests": e.target_ongoing_requests},
-        max_ongoing_requests=e.max_ongoing_requests,
-        ray_actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
-    ).bind(e.max_batch_size, e.batch_wait_timeout_s, e.torch_threads)
+    def sized(deployment, d):  # autoscaling and resources of one deployment, from its config section
+        return deployment.options(
+            autoscaling_config={"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
+                                "target_ongoing_requests": d.target_ongoing_requests},
+            max_ongoing_requests=d.max_ongoing_requests,
+            ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus})
+
+    b, s, e = cfg.backbone, cfg.shards, cfg.edge
+    backbone = sized(Backbone, b).bind(b.max_batch_size, b.batch_wait_timeout_s, b.torch_threads)
+    shard = sized(BankShard, s).bind()
+    edge = sized(EdgeScorer, e).bind(e.max_batch_size, e.batch_wait_timeout_s, e.torch_threads)
     registry = Registry.options(num_replicas=1, ray_actor_options={"num_cpus": cfg.registry.num_cpus}
                                 ).bind(backbone, shard, args, overrides, edge)
     return Ingress.options(num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,

@@ -151,11 +151,7 @@ class Registry:
         pending += [self.shard.options(multiplexed_model_id=m).info.remote(bank_src) for m in ids]
         warmed = [r.result(timeout_s=WARM_TIMEOUT_S) for r in pending]
         return {
-            "name": name, "artifact": artifact, "sha": sha, "version": sha[:12], "created": meta.get("created"),
-            "method": meta.get("method"), "category": meta.get("category"),
-            "threshold": float(threshold) if threshold is not None else float(meta["threshold"]),
-            "threshold_source": "config" if threshold is not None else "artifact",
-            "artifact_threshold": float(meta["threshold"]), "score_stats": meta.get("score_stats", {}),
+            **version_fields(name, artifact, sha, meta, threshold),
             "backbone": meta["backbone"]["name"], "layers": meta["backbone"]["layers"],
             "mean": meta["backbone"]["mean"], "std": meta["backbone"]["std"],
             "bank_size": int(meta["bank_size"]), "feature_dim": int(meta["feature_dim"]),
@@ -183,11 +179,7 @@ class Registry:
         meta = warmed["meta"]
         pre = meta["preprocess"]
         return {
-            "name": name, "artifact": path, "sha": sha, "version": sha[:12], "created": meta.get("created"),
-            "method": meta.get("method"), "category": meta.get("category"),
-            "threshold": float(threshold) if threshold is not None else float(meta["threshold"]),
-            "threshold_source": "config" if threshold is not None else "artifact",
-            "artifact_threshold": float(meta["threshold"]), "score_stats": meta.get("score_stats", {}),
+            **version_fields(name, path, sha, meta, threshold),
             "backbone": meta.get("backbone"), "layers": meta.get("layers"),
             "mean": pre.get("mean"), "std": pre.get("std"), "preprocess": pre,
             "bank_size": int(meta["bank_size"]), "feature_dim": int(meta["feature_dim"]),
@@ -224,6 +216,18 @@ class Registry:
 
     def __del__(self):
         self._stop.set()
+
+
+def version_fields(name: str, artifact: str, sha: str, meta: dict[str, Any], threshold: float | None
+                   ) -> dict[str, Any]:
+    """What every published version carries: identity, provenance and the threshold in force."""
+    return {
+        "name": name, "artifact": artifact, "sha": sha, "version": sha[:12], "created": meta.get("created"),
+        "method": meta.get("method"), "category": meta.get("category"),
+        "threshold": float(threshold) if threshold is not None else float(meta["threshold"]),
+        "threshold_source": "config" if threshold is not None else "artifact",
+        "artifact_threshold": float(meta["threshold"]), "score_stats": meta.get("score_stats", {}),
+    }
 
 
 def name_key(info: dict[str, Any] | None):

@@ -330,20 +330,6 @@ TUNE_SEARCH = {"num_samples": 1, "max_concurrent_trials": 1, "max_failures": 2, 
                "validation": {"fraction": 0.3, "min_images": 2}, "space": {"stage2.lam": {"choice": [0.5]}}}
 
 
-def _search_file(path: Path) -> Path:
-    import yaml
-
-    data: dict = {}
-    for dotted, v in TUNE_BASE.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = v
-    path.write_text(yaml.safe_dump({**data, "search": TUNE_SEARCH}))
-    return path
-
-
 def _tune_result(out: Path) -> dict:
     entry = json.loads((out / "report.json").read_text())["categories"]["metal_plate"]
     best = entry["best"]
@@ -354,7 +340,9 @@ def _tune_result(out: Path) -> dict:
 def test_tune_across_nodes_survives_losing_a_trials_node(cluster, shared_data, tmp_path_factory):
     """A one-trial search on one node, then on the cluster with the trial's node killed once its
     stage I has a checkpoint: the trial is retried elsewhere, resumes, and selects and scores the same."""
-    search = _search_file(cluster.shared / "search.yaml")
+    from .test_distributed_tune import _search_file
+
+    search = _search_file(cluster.shared / "search.yaml", TUNE_BASE, TUNE_SEARCH)
     single = tmp_path_factory.mktemp("tune-single") / "out"
     code, log = finish(tocoad(cluster, "tune", "--data", str(shared_data), "--categories", "metal_plate",
                               "--search", str(search), "--out", str(single), address=False))
