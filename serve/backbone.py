@@ -19,6 +19,7 @@ from tocoad_ray.models.backbone import FeatureExtractor, resolve_device
 from tocoad_ray.patch_model import PatchModel, load_adapter
 
 from .shards import meta_sha
+from .sources import remember
 
 
 def backbone_id(artifact: str, sha: str) -> str:
@@ -91,9 +92,7 @@ class Backbone:
         return await asyncio.to_thread(model_from_bundle, bundle)
 
     def _remember(self, mid: str, source: list) -> None:
-        self._sources[mid] = source[0]  # [ObjectRef]: the list keeps Ray from resolving it in transit
-        if len(self._sources) > 64:
-            self._sources.pop(next(iter(self._sources)))
+        remember(self._sources, mid, source[0])  # [ObjectRef]: the list keeps Ray from resolving it in transit
 
     async def warm(self, source: list) -> dict:
         """Load the model of this request's multiplex id (the registry calls it before publishing)."""

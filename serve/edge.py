@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
+from .sources import remember
+
 EDGE_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
@@ -67,9 +69,7 @@ class EdgeScorer:
         return await asyncio.to_thread(load_edge_model, files, main, runtime, self.threads)
 
     def _remember(self, mid: str, source: list) -> None:
-        self._sources[mid] = source
-        if len(self._sources) > 64:
-            self._sources.pop(next(iter(self._sources)))
+        remember(self._sources, mid, source)
 
     async def warm(self, source: list) -> dict:
         """Load the model of this request's multiplex id (the registry calls it before publishing)."""

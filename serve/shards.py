@@ -21,6 +21,8 @@ from tocoad_ray.bank.knn import KNNIndex, faiss_gpu_available
 from tocoad_ray.bank.memory_bank import bank_from_tensors
 from tocoad_ray.bank.quantize import SQ8
 
+from .sources import remember
+
 
 def shard_bounds(n: int, shards: int) -> list[int]:
     """Row boundaries of ``shards`` contiguous, near-equal slices of an n-row bank."""
@@ -114,9 +116,7 @@ class BankShard:
 
     async def _shard(self, source: list) -> LoadedShard:
         mid = serve.get_multiplexed_model_id()
-        self._sources[mid] = (source[0], dict(source[1]))  # [ObjectRef, index settings]
-        if len(self._sources) > 256:
-            self._sources.pop(next(iter(self._sources)))
+        remember(self._sources, mid, (source[0], dict(source[1])), limit=256)  # [ObjectRef, index settings]
         return await self.get_shard(mid)
 
     async def search(self, q: np.ndarray, k: int, source: list) -> tuple[np.ndarray, np.ndarray]:
