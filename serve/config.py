@@ -14,13 +14,15 @@ from typing import Any
 
 import yaml
 
+from tocoad_ray.errors import TocoadError
+
 # Product names become URL segments and multiplex ids; never path components. Anything else is
 # rejected before any lookup, so a name cannot reach the filesystem.
 PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TOKEN_ENV = "TOCOAD_SERVE_TOKEN"
 
 
-class ConfigError(ValueError):
+class ConfigError(TocoadError, ValueError):
     """The service configuration is invalid."""
 
 

@@ -23,12 +23,9 @@ from typing import Any
 import numpy as np
 
 from .fileio import atomic_write_bytes, sha256_file  # re-exported: imported from here elsewhere
+from .errors import ArtifactError  # noqa: F401 (re-exported)
 
 FORMAT = "tocoad-ray/artifact/1"
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, corrupted, or does not match the model it is used with."""
 
 
 def atomic_save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:

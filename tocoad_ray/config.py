@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is invalid."""
+from .errors import ConfigError  # noqa: F401 (re-exported)
 
 
 @dataclass

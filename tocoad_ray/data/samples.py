@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file or folder."""
+from ..errors import DataError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

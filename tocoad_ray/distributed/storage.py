@@ -18,12 +18,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from ..errors import StorageError  # noqa: F401 (re-exported)
 
 MARKER_DIR = ".tocoad-storage-check"
-
-
-class StorageError(RuntimeError):
-    """A path the job needs is missing, unwritable, or not the same storage on every node."""
 
 
 def is_uri(path: str | os.PathLike | None) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from ..errors import ModelError  # noqa: F401 (re-exported)
 
 EXPORT_FORMAT = "tocoad-ray/export/1"
 ARTIFACT_FORMATS = ("tocoad-ray/artifact/1",)  # artifact formats this export format reads
@@ -17,11 +18,6 @@ FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt"}
 OPSET = 17
 REQUIRED = ("format", "artifact_format", "artifact_sha256", "version", "method", "input_size", "preprocess",
             "threshold", "score_stats", "bank_format", "bank_size", "feature_dim")
-
-
-class ModelError(ValueError):
-    """An exported model file is missing, truncated, not a tocoad model, from an unsupported
-    format, or given input it was not exported for."""
 
 
 def parse_meta(text: str | None, where: str) -> dict[str, Any]:

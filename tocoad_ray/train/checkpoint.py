@@ -22,12 +22,9 @@ from typing import Any
 import torch
 
 from ..fileio import atomic_write, sha256_file
+from ..errors import CheckpointError  # noqa: F401 (re-exported)
 
 POINTER = "latest.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupted or does not fit the current configuration."""
 
 
 def to_primitive(obj: Any) -> Any:
