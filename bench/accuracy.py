@@ -1,9 +1,9 @@
 """Fit + evaluate over several categories; one JSON line per category, then a Markdown table.
 
-    python bench/accuracy.py --data ../shared/data --categories mvtec_ad/bottle,magnetic_tile/mt,mpdd/metal_plate
+    python bench/accuracy.py --data DATA_ROOT --categories mvtec_ad/bottle,magnetic_tile/mt,mpdd/metal_plate
     python bench/accuracy.py --protocol anchor ...   # how anomalib's reference figure was measured
 
-Protocols (../shared/docs/benchmark-protocol.md): ``paper`` = resize 256, centre crop 224 (the
+Protocols (docs/benchmarks.md): ``paper`` = resize 256, centre crop 224 (the
 library default); ``anchor`` = 256×256, no crop.
 """
 from __future__ import annotations

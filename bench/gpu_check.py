@@ -1,6 +1,6 @@
 """Every GPU path of the library on one machine, as one JSON object (under 8 minutes on one GPU).
 
-    python bench/gpu_check.py                          # --data ../shared/data --category mvtec_ad/bottle
+    python bench/gpu_check.py                          # --data DATA_ROOT --category mvtec_ad/bottle
     python bench/gpu_check.py --quick                  # smaller sizes (about 2 minutes)
     python bench/gpu_check.py --weights random --skip serve_gpu_shard
 

@@ -1,4 +1,4 @@
-"""Stage II dynamics: does the contrastive term learn, and how far does F drift (issue 13)?
+"""Stage II dynamics: does the contrastive term learn, and how far does F drift?
 
 Per category: stage I trains D once (frozen F), then each stage II variant fine-tunes a fresh
 pretrained F against that D, and every step records

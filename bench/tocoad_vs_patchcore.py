@@ -1,10 +1,10 @@
-"""ToCoAD with a chosen configuration against frozen-F PatchCore, over several seeds (issue 13).
+"""ToCoAD with a chosen configuration against frozen-F PatchCore, over several seeds.
 
 For each category, the ToCoAD configuration (e.g. ``tocoad tune``'s ``best/<category>.yaml``,
 chosen on validation only) is fitted on all training images with each seed, and so is PatchCore
 with the *same* config but ``method: patchcore`` (same backbone, layers, resolution, coreset, b,
 seed). Both are evaluated on the test split. Prints JSON: per seed, mean, seed-to-seed spread
-(max − min over seeds) and the verdict the issue asks for, per metric:
+(max − min over seeds) and a verdict per metric:
 
 * level: mean(ToCoAD) ≥ mean(PatchCore) − max(PatchCore's spread, 0.001): within the baseline's
   own seed noise (a noisy ToCoAD does not count as level because its own spread is wide);
@@ -33,7 +33,7 @@ from tocoad_ray.config import build_config  # noqa: E402
 from tocoad_ray.pipeline import evaluate, fit  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-LEVEL_TOLERANCE = 0.001  # the issues' accuracy tolerance for "the same"
+LEVEL_TOLERANCE = 0.001  # smallest difference that counts as not "the same"
 
 
 def run_key(cfg) -> str:

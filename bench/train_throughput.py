@@ -11,7 +11,7 @@ separately. Ray runs: one worker with all ``--threads`` torch threads (like the 
 worker with one thread less (the Ray Data task that makes the samples gets that core), and two
 workers with half each.
 
-Usage: python bench/train_throughput.py [--data ../shared/data/mvtec_ad --category bottle]
+Usage: python bench/train_throughput.py [--data DATA_ROOT/mvtec_ad --category bottle]
            [--epochs 3 --steps 2 --batch 16] [--skip-train-all] [--train-all-categories ...]
 Prints one JSON object per measurement and a summary.
 """

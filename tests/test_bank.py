@@ -432,7 +432,7 @@ def test_ivf_image_scores_equal_exact_on_real_features(data_root, tmp_path):
         approx[nprobe], _ = patch_scores(ivf, rows)
         assert (approx[nprobe] >= s_exact * (1 - 1e-3)).all()  # upper bounds, up to rounding
         got, s = ivf.score(rows, n, 9)
-        np.testing.assert_allclose(got, want, rtol=1e-4)  # the required bar; float rounding is ~1e-5
+        np.testing.assert_allclose(got, want, rtol=1e-4)  # the required tolerance; float rounding is ~1e-5
         np.testing.assert_allclose(s.reshape(n, h * w).max(1), s_exact.reshape(n, h * w).max(1), rtol=1e-4)
     assert not np.allclose(approx[1], s_exact)  # the approximation is real, and still exact where it matters
     tiny = MemoryBank(bank_rows[:50], search="ivf")

@@ -616,7 +616,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 def test_web_page_in_headless_chromium(service, reference, tiny, tmp_path):
     """One image (score, verdict, heatmap, legend), then a batch of 10 (table, histogram, slider that
-    re-colours verdicts without scoring again). Screenshots go to $TOCOAD_SCREENSHOTS (README)."""
+    re-colours verdicts without scoring again). Screenshots go to $TOCOAD_SCREENSHOTS (docs/serving.md)."""
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")

@@ -1,4 +1,4 @@
-"""Stage II variants (issue 13): dense pairing through crop boxes, the preservation term, resume."""
+"""Stage II variants: dense pairing through crop boxes, the preservation term, resume."""
 from __future__ import annotations
 
 
