@@ -113,7 +113,7 @@ def main() -> None:
         try:
             read_meta(art)
         except ArtifactError:
-            fit(load_config(args.config, {"bank.storage": fmt}), root, name, art, progress=False, log=lambda m: None)
+            fit(load_config(args.config, {"method": "patchcore", "bank.storage": fmt}), root, name, art, progress=False, log=lambda m: None)
         meta = read_meta(art)
         files = {"onnx": out / f"{name}-{fmt}.onnx", "openvino": out / f"{name}-{fmt}.xml"}
         export_s = {}

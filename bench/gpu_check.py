@@ -164,7 +164,7 @@ def _prepared(cfg, paths):
     from tocoad_ray.data import Preprocess
     from tocoad_ray.synth import AnomalyGenerator
     from tocoad_ray.train import build_extractor, prepare_images
-    from tocoad_ray.train.common import seeded_init
+    from tocoad_ray.train.seeding import seeded_init
 
     ex = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
     pre = Preprocess(cfg.data, ex.mean, ex.std)
@@ -197,7 +197,7 @@ def _rows(n_images: int, batch: int, step: int) -> list[int]:
 def check_stage1(ctx: dict) -> dict:
     from tocoad_ray.distributed.stages import build_stage_trainer
     from tocoad_ray.train import make_stage1_batch
-    from tocoad_ray.train.common import row_rng
+    from tocoad_ray.train.schedule import row_rng
 
     args = ctx["args"]
     cfg = train_cfg(args)
@@ -220,8 +220,10 @@ def check_stage1(ctx: dict) -> dict:
 def check_stage2(ctx: dict) -> dict:
     from tocoad_ray.distributed.stages import build_stage_trainer
     from tocoad_ray.train import build_extractor, make_stage2_batch
-    from tocoad_ray.train.common import row_rng, seeded_init, view_augment
+    from tocoad_ray.train.schedule import row_rng
+    from tocoad_ray.train.seeding import seeded_init
     from tocoad_ray.train.stage1 import build_discriminator
+    from tocoad_ray.train.views import view_augment
 
     args = ctx["args"]
     dev = ctx["device"]
@@ -285,7 +287,7 @@ def check_ray_stages(ctx: dict) -> dict:
     from tocoad_ray.distributed.samples import SampleSpec, decode_images, image_store
     from tocoad_ray.distributed.stages import run_stage
     from tocoad_ray.train import build_extractor
-    from tocoad_ray.train.common import seeded_init
+    from tocoad_ray.train.seeding import seeded_init
 
     args = ctx["args"]
     gpus = ctx["gpus"]

@@ -41,10 +41,14 @@ from tocoad_ray.config import load_config  # noqa: E402
 from tocoad_ray.data import Preprocess, load_split  # noqa: E402
 from tocoad_ray.models.backbone import resolve_device  # noqa: E402
 from tocoad_ray.synth import AnomalyGenerator  # noqa: E402
-from tocoad_ray.train.common import build_extractor, iter_batches, prepare_images, seeded_init, view_augment  # noqa: E402
+from tocoad_ray.train.extractor import build_extractor  # noqa: E402
+from tocoad_ray.train.images import prepare_images  # noqa: E402
 from tocoad_ray.train.losses import correspondence  # noqa: E402
+from tocoad_ray.train.schedule import iter_batches  # noqa: E402
+from tocoad_ray.train.seeding import seeded_init  # noqa: E402
 from tocoad_ray.train.stage1 import Stage1Trainer, make_stage1_batch  # noqa: E402
 from tocoad_ray.train.stage2 import Stage2Trainer, make_stage2_batch  # noqa: E402
+from tocoad_ray.train.views import view_augment  # noqa: E402
 
 PAPER = {"stage2.contrast": "global", "stage2.preserve": "none", "stage2.crop_scale_min": 0.2, "stage2.lr": 0.01}
 VARIANTS = {  # each is the paper's form with one change (the library default is dense + l2sp β 1, crop 0.5)

@@ -39,29 +39,6 @@ MAIN_JOB = {
 }
 
 
-def discover_categories(data_root: str, layout: str) -> list[str]:
-    """Every category under ``data_root`` in ``layout`` (elpv: mono, poly; VisA: the csv's objects)."""
-    from tocoad_ray.data import DataError
-
-    if layout == "elpv":
-        return ["mono", "poly"]
-    root = Path(data_root)
-    if not root.is_dir():
-        raise DataError(f"data root not found: {root}")
-    if layout == "visa":
-        import csv
-
-        csv_path = root / "split_csv" / "1cls.csv"
-        if not csv_path.is_file():
-            raise DataError(f"VisA split file not found: {csv_path}")
-        with open(csv_path, newline="") as f:
-            return sorted({row["object"] for row in csv.DictReader(f)})
-    cats = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
-    if not cats:
-        raise DataError(f"no category folders under {root}")
-    return cats
-
-
 def local_cpus(cfg: Config, concurrent: int) -> int:
     """Logical CPUs for a local Ray instance: every concurrent category's driver, DDP workers and
     Ray Data tasks must fit at once, or the data tasks starve and training hangs (Ray notes)."""
@@ -72,16 +49,9 @@ def local_cpus(cfg: Config, concurrent: int) -> int:
 
 def connect(address: str | None, cfg: Config, concurrent: int, verbose: bool) -> str:
     """Join ``address`` / RAY_ADDRESS, or start a local Ray instance sized for the run."""
-    import ray
+    from tocoad_ray.distributed.session import connect as join_or_start
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return "existing"
-    if address:
-        ray.init(address=address, log_to_driver=verbose)
-        return address
-    ray.init(num_cpus=local_cpus(cfg, concurrent), include_dashboard=False, log_to_driver=verbose)
-    return "local"
+    return join_or_start(address, local_cpus(cfg, concurrent), verbose=verbose)
 
 
 def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, address: str | None = None,
@@ -207,47 +177,41 @@ def visible_result(res: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train-all", help="train + bank + evaluate every category on Ray (the main job)")
-    p.add_argument("--data", default="-", help="data root (default: the elpv solar cells shipped on PyPI)")
-    p.add_argument("--categories", default=None,
-                   help="comma-separated, or 'all' (default: all categories under --data; elpv: mono,poly)")
-    p.add_argument("--out", default="runs/train-all", help="output folder (re-run to resume)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
+    from tocoad_ray.commands import args as A
+
+    p = A.add_command(sub, "train-all", "the main job: train + bank + evaluate every category on Ray",
+                      "Train, bank and evaluate every category of --data on Ray (a local instance, or the cluster "
+                      "at --address / RAY_ADDRESS). Without --data: the elpv solar cells packaged on PyPI at a "
+                      "12-minute CPU budget. Run it again with the same --out to resume.")
+    A.add_data(p)
+    p.add_argument("--categories", default="all", help="comma-separated categories, or all (elpv: mono,poly)")
+    p.add_argument("--out", default="runs/train-all", metavar="DIR", help="output folder (run again to resume)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between progress updates")
-    p.add_argument("--verbose", action="store_true", help="show the Ray workers' own logs")
-    p.add_argument("--config", help="YAML config (default: the embedded main-job budget for elpv, else the paper's)")
-    p.add_argument("--method", choices=["patchcore", "tocoad", "reconpatch"], help="overrides the config's method")
-    p.add_argument("--layout", choices=["mvtec", "visa", "btad", "folder", "elpv"], help="data set layout")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    A.add_config(p)
+    A.add_verbosity(p)
     p.set_defaults(func=cmd_train_all)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    from tocoad_ray.cli import _overrides
+    """--config (or, without one and without --data, the embedded main-job budget) + overrides."""
+    from tocoad_ray.commands import args as A
 
-    ov: dict[str, Any] = {}
-    if args.config is None and args.data == "-":
-        ov.update(MAIN_JOB)
-    elif args.data == "-":
-        ov["data.layout"] = "elpv"
-    elif args.config is None:
-        ov["method"] = "tocoad"
-    ov.update(_overrides(args.set))
-    if args.method:
-        ov["method"] = args.method
-    if args.layout:
-        ov["data.layout"] = args.layout
-    return load_config(args.config, ov)
+    base = dict(MAIN_JOB) if args.config is None and A.packaged(args.data) else {}
+    return load_config(args.config, A.config_overrides(args, base))
 
 
 def cmd_train_all(args: argparse.Namespace) -> int:
+    from tocoad_ray.commands import args as A
+    from tocoad_ray.data import list_categories
     from tocoad_ray.run_report import markdown_report
 
     cfg = config_from_args(args)
-    cats = (discover_categories(args.data, cfg.data.layout) if args.categories in (None, "all")
-            else [c.strip() for c in args.categories.split(",") if c.strip()])
-    report = run(cfg, args.data, cats, args.out, address=args.address, verbose=args.verbose, interval_s=args.interval)
+    root = A.data_root(args)
+    available = list_categories(root, cfg.data.layout)  # checked before Ray starts
+    cats = A.categories(args.categories, available) or available
+    report = run(cfg, root or "-", cats, args.out, address=args.address, verbose=args.verbose, interval_s=args.interval)
     print()
     print(markdown_report(report))
     print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.json'}")

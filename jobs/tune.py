@@ -19,7 +19,7 @@ Output folder (run again to resume an interrupted search)::
     best/<category>.yaml      the chosen configuration; tocoad fit / train-all --config take it
     report.md, report.json, val_vs_test.png
 
-    tocoad tune --data ../shared/data/mvtec_ad --categories bottle --search configs/tune_small.yaml
+    tocoad tune --data data/mvtec_ad --categories bottle --plan configs/tune_small.yaml
 """
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tocoad_ray.config import Config, ConfigError, from_dict
 from tocoad_ray.distributed.storage import is_uri, join, resolve
-from tocoad_ray.search_space import SearchPlan, apply, load_plan, max_reports
+from tocoad_ray.names import DEFAULT_METHOD
+
+if TYPE_CHECKING:  # the search space imports torch; --help must not
+    from tocoad_ray.search_space import SearchPlan
 
 EXPERIMENT = "search"
 
@@ -97,12 +100,12 @@ def physical_resources() -> dict[str, float]:
 def trial(params: dict[str, Any], base: dict, data_root: str, out: str, validation: dict, val_generator: str) -> None:
     """A Tune trial: train_category in validation mode, then the full-bank score as the last report."""
     import ray.tune
+    from filelock import FileLock
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from tocoad_ray.distributed.category import train_category
+    from tocoad_ray.search_space import apply
     from tocoad_ray.validation import ValidationConfig
-
-    from filelock import FileLock
 
     category = params["category"]
     cfg = apply(from_dict(Config, base), {k: v for k, v in params.items() if k != "category"})
@@ -152,6 +155,7 @@ def _search(plan: SearchPlan, data_root: str, categories: list[str], out: Path, 
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from tocoad_ray.distributed.asha import PerCategoryASHA
+    from tocoad_ray.search_space import max_reports
 
     s = plan.search
     trainable = tune.with_resources(
@@ -187,6 +191,7 @@ def _dc(obj: Any) -> Any:
 
 def _trial_rows(grid, plan: SearchPlan, out: Path) -> list[dict[str, Any]]:
     """One row per trial: its sampled values, status, reports and final validation scores."""
+    from tocoad_ray.search_space import apply
     rows = []
     for r in grid:
         cfg_params = {k: v for k, v in (r.config or {}).items() if k != "category"}
@@ -236,6 +241,7 @@ def _finish(plan: SearchPlan, data_root: str, categories: list[str], out: Path, 
     import ray
 
     from tocoad_ray.distributed.category import train_category_safe
+    from tocoad_ray.search_space import apply
     from tocoad_ray.validation import ValidationConfig
 
     d = plan.base.distributed
@@ -298,9 +304,9 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
     part that must never read the test set."""
     import ray
 
+    from jobs.train_all import local_cpus
     from tocoad_ray.artifact import atomic_write_bytes
     from tocoad_ray.tune_report import write_tune_report
-    from jobs.train_all import local_cpus
 
     check_categories(plan, data_root, categories)
     if is_uri(out):
@@ -324,22 +330,22 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
     else:
         atomic_write_bytes(saved, yaml.safe_dump(json.loads(json.dumps(plan_dict)), sort_keys=False).encode())
 
+    from tocoad_ray.distributed.session import connect
+
     address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        where, resources = "existing", dict(ray.cluster_resources())
-    elif address:
-        ray.init(address=address, log_to_driver=verbose)
-        where, resources = address, dict(ray.cluster_resources())
+    if ray.is_initialized() or address:
+        where = connect(address, verbose=verbose)
+        resources = dict(ray.cluster_resources())
     else:
         resources = physical_resources()
         n = max_concurrent(plan.base, resources, plan.search.max_concurrent_trials)
         # with the dashboard: Ray Train's placement-group cleaner asks the state API whether a stage's
         # controller is still alive, and frees the workers' CPUs when ASHA stops a trial mid-stage
         # (without it those CPUs stay reserved and the next trial's data tasks starve)
-        ray.init(num_cpus=local_cpus(plan.base, n), include_dashboard=True, log_to_driver=verbose)
+        connect(None, local_cpus(plan.base, n), dashboard=True, verbose=verbose)
         where = "local"
-    from tocoad_ray.distributed.storage import check_cluster
     from jobs.train_all import node_inputs
+    from tocoad_ray.distributed.storage import check_cluster
 
     check_cluster({"output folder (--out)": str(out), "distributed.storage_path": storage_root(plan.base, out)},
                   readable=node_inputs(plan.base, data_root))
@@ -363,44 +369,47 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("tune", help="Ray Tune search per category, scored on held-out images (never the test set)")
-    p.add_argument("--data", required=True, help="data root (e.g. ../shared/data/mvtec_ad)")
-    p.add_argument("--categories", default=None, help="comma-separated, or 'all' (default: all under --data)")
-    p.add_argument("--out", default="runs/tune", help="output folder (run again to resume)")
-    p.add_argument("--search", help="search file: a config plus a 'search' section (default: the method's space)")
-    p.add_argument("--method", choices=["patchcore", "tocoad", "reconpatch"], help="overrides the file's method")
-    p.add_argument("--layout", choices=["mvtec", "visa", "btad", "folder", "elpv"], help="data set layout")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base config value")
-    p.add_argument("--search-set", action="append", metavar="KEY=VALUE",
-                   help="override a search setting, e.g. num_samples=8 or validation.fraction=0.25")
-    p.add_argument("--samples", type=int, help="shortcut for --search-set num_samples=N")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
-    p.add_argument("--verbose", action="store_true", help="show the Ray workers' own logs")
+    from tocoad_ray.commands import args as A
+
+    p = A.add_command(sub, "tune", "Ray Tune search per category, scored on held-out images (never the test set)")
+    A.add_data(p)
+    p.add_argument("--categories", default="all", help="comma-separated categories, or all")
+    p.add_argument("--out", default="runs/tune", metavar="DIR", help="output folder (run again to resume)")
+    p.add_argument("--plan", metavar="YAML",
+                   help="search plan: a config plus a 'search' section (default: the method's built-in space)")
+    p.add_argument("--plan-set", action="append", metavar="KEY=VALUE",
+                   help="override a search setting, e.g. num_samples=8 or validation.fraction=0.25; repeatable")
+    p.add_argument("--samples", type=int, help="trials per category (shortcut for --plan-set num_samples=N)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
+    A.add_config(p, config=False)  # the plan file is the base config
+    A.add_verbosity(p)
     p.set_defaults(func=cmd_tune)
     return p
 
 
 def plan_from_args(args: argparse.Namespace) -> SearchPlan:
-    from tocoad_ray.cli import _overrides
+    from tocoad_ray.commands import args as A
+    from tocoad_ray.search_space import load_plan
 
-    ov = _overrides(args.set)
-    if args.layout:
-        ov["data.layout"] = args.layout
-    sov = _overrides(args.search_set)
+    ov = A.config_overrides(args)
+    ov.pop("method", None)
+    sov = A.overrides(args.plan_set, "--plan-set")
     if args.samples is not None:
         sov["num_samples"] = args.samples
-    method = args.method or (None if args.search else "tocoad")
-    return load_plan(args.search, ov, sov, method=method)
+    method = args.method or (None if args.plan and A.file_sets_method(args.plan) else DEFAULT_METHOD)
+    return load_plan(args.plan, ov, sov, method=method)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from jobs.train_all import discover_categories
+    from tocoad_ray.commands import args as A
+    from tocoad_ray.data import list_categories
     from tocoad_ray.tune_report import markdown_report
 
     plan = plan_from_args(args)
-    cats = (discover_categories(args.data, plan.base.data.layout) if args.categories in (None, "all")
-            else [c.strip() for c in args.categories.split(",") if c.strip()])
-    report = run(plan, args.data, cats, args.out, address=args.address, verbose=args.verbose)
+    root = A.data_root(args)
+    available = list_categories(root, plan.base.data.layout)
+    cats = A.categories(args.categories, available) or available
+    report = run(plan, root or "-", cats, args.out, address=args.address, verbose=args.verbose)
     print()
     print(markdown_report(report))
     print(f"report: {Path(args.out) / 'report.md'}; best configurations: {Path(args.out) / 'best'}")

@@ -8,12 +8,14 @@ import threading
 from typing import Any
 
 
-def add_serve_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="HTTP scoring service (Ray Serve) over artifact folders")
+def add_parser(subparsers) -> None:
+    from tocoad_ray.commands import args as A
+
+    p = A.add_command(subparsers, "serve", "HTTP scoring service (Ray Serve) over artifact folders")
     p.add_argument("--artifacts", help="folder whose subfolders with a meta.json become products (named after them)")
     p.add_argument("--config", help="service config YAML (serve/config.yaml format); re-read on every poll")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--shards", type=int, help="bank shards per product (default: config default_shards, else 1)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     p.add_argument("--address", default=None,
@@ -22,6 +24,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--proxy", choices=["every-node", "head"], default="every-node",
                    help="where Serve's HTTP proxies run on a cluster: every node (behind a load balancer) or the "
                         "head only")
+    A.add_verbosity(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -38,7 +41,9 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if not args.artifacts and not args.config:
-        raise SystemExit("tocoad serve: give --artifacts DIR and/or --config FILE")
+        from tocoad_ray.errors import ConfigError as UsageError
+
+        raise UsageError("give --artifacts DIR and/or --config FILE")
     import ray
     from ray import serve
 
@@ -52,6 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tocoad serve: error: {e}", flush=True)
         return 2
+    from tocoad_ray.distributed.session import quiet_console
+
+    quiet_console(args.verbose)  # the replicas' own lines stay: errors are logged there
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)

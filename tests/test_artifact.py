@@ -22,7 +22,7 @@ from tocoad_ray.pipeline import extract, fit, load_detector
 
 from ._subset import mvtec_subset
 
-OVERRIDES = {"data.image_size": 96, "data.crop_size": None, "bank.coreset_ratio": 0.05}
+OVERRIDES = {"method": "patchcore", "data.image_size": 96, "data.crop_size": None, "bank.coreset_ratio": 0.05}
 
 
 @pytest.fixture(scope="module")

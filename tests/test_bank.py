@@ -60,7 +60,7 @@ def bottle_features(data_root):
     from tocoad_ray.patch_model import PatchModel
     from tocoad_ray.pipeline import extract
 
-    cfg = load_config(None, {"data.image_size": 128, "data.crop_size": None})
+    cfg = load_config(None, {"method": "patchcore", "data.image_size": 128, "data.crop_size": None})
     split = load_split(data_root / "mvtec_ad", "bottle", "mvtec")
     ext = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, "pretrained")
     torch.manual_seed(0)
@@ -414,7 +414,7 @@ def test_ivf_image_scores_equal_exact_on_real_features(data_root, tmp_path):
     from tocoad_ray.models.backbone import FeatureExtractor
     from tocoad_ray.patch_model import PatchModel
 
-    cfg = load_config(None, {"data.image_size": 128, "data.crop_size": None})
+    cfg = load_config(None, {"method": "patchcore", "data.image_size": 128, "data.crop_size": None})
     split = load_split(data_root / "mvtec_ad", "bottle")
     ex = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers)
     model, pre = PatchModel(ex, 3), Preprocess(cfg.data, ex.mean, ex.std)
@@ -463,7 +463,7 @@ def test_sq8_bank_is_4x_smaller_and_scores_like_float32(data_root, tmp_path):
 
     root = mvtec_subset(data_root / "mvtec_ad" / "bottle", tmp_path / "data", 20,
                         {"good": 4, "broken_large": 4, "contamination": 4})
-    base = {"data.image_size": 128, "data.crop_size": None, "bank.coreset_ratio": 0.5}
+    base = {"method": "patchcore", "data.image_size": 128, "data.crop_size": None, "bank.coreset_ratio": 0.5}
     res = {}
     for storage in ("float32", "sq8"):
         art = tmp_path / storage

@@ -267,7 +267,7 @@ def test_serve_shards_on_two_nodes_survive_losing_one(cluster, shared_data):
     from tocoad_ray.pipeline import evaluate, fit
 
     art = cluster.shared / "serve" / "bottle"
-    cfg = load_config(None, {"data.image_size": 96, "data.crop_size": None, "bank.coreset_ratio": 0.1,
+    cfg = load_config(None, {"method": "patchcore", "data.image_size": 96, "data.crop_size": None, "bank.coreset_ratio": 0.1,
                              "bank.threshold_images": 4, "bank.batch_size": 4})
     fit(cfg, shared_data, "bottle", art, progress=False, log=lambda *_: None)
     ref = evaluate(art, shared_data, "bottle", progress=False, return_arrays=True)
@@ -345,11 +345,11 @@ def test_tune_across_nodes_survives_losing_a_trials_node(cluster, shared_data, t
     search = _search_file(cluster.shared / "search.yaml", TUNE_BASE, TUNE_SEARCH)
     single = tmp_path_factory.mktemp("tune-single") / "out"
     code, log = finish(tocoad(cluster, "tune", "--data", str(shared_data), "--categories", "metal_plate",
-                              "--search", str(search), "--out", str(single), address=False))
+                              "--plan", str(search), "--out", str(single), address=False))
     assert code == 0, log
 
     out = cluster.shared / "tune"
-    p = tocoad(cluster, "tune", "--data", str(shared_data), "--categories", "metal_plate", "--search", str(search),
+    p = tocoad(cluster, "tune", "--data", str(shared_data), "--categories", "metal_plate", "--plan", str(search),
                "--out", str(out))
     wait_for(lambda: max([registered_epoch(d, "metal_plate-stage1") for d in (out / "runs").glob("*/ray")] or [0]) >= 1,
              p, "the trial's stage I checkpoint")

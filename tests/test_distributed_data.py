@@ -9,15 +9,23 @@ import torch
 
 from tocoad_ray.data import Preprocess, load_split
 from tocoad_ray.distributed.features import extract_features
-from tocoad_ray.distributed.samples import (SampleSpec, configure_data_context, decode_images, epoch_dataset,
-                                            image_store, to_trainer_batch)
+from tocoad_ray.distributed.samples import (
+    SampleSpec,
+    configure_data_context,
+    decode_images,
+    epoch_dataset,
+    image_store,
+    to_trainer_batch,
+)
 from tocoad_ray.models.backbone import FeatureExtractor
 from tocoad_ray.patch_model import PatchModel
 from tocoad_ray.pipeline import _loader, extract
 from tocoad_ray.synth import AnomalyGenerator
-from tocoad_ray.train.common import STAGE_IDS, iter_batches, prepare_images, view_augment
+from tocoad_ray.train.images import prepare_images
+from tocoad_ray.train.schedule import STAGE_IDS, iter_batches
 from tocoad_ray.train.stage1 import make_stage1_batch
 from tocoad_ray.train.stage2 import make_stage2_batch
+from tocoad_ray.train.views import view_augment
 
 from .ray_fixtures import ray_local, tiny_cfg, tiny_root  # noqa: F401 - fixtures
 

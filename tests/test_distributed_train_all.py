@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.train_all import config_from_args, discover_categories, run
+from jobs.train_all import config_from_args, run
 from tocoad_ray.cli import build_parser
 from tocoad_ray.cli import main as cli_main
 from tocoad_ray.config import ConfigError
+from tocoad_ray.data import list_categories
 
 from .ray_fixtures import TINY, corrupt_category, ray_local, tiny_cfg, tiny_data  # noqa: F401 - fixtures
 
@@ -29,7 +30,7 @@ def test_main_job_defaults_parse():
     cfg = config_from_args(args)
     assert cfg.method == "tocoad" and cfg.data.layout == "elpv" and cfg.distributed.num_workers == 2
     assert cfg.stage1.enabled and cfg.stage2.enabled
-    assert discover_categories("-", "elpv") == ["mono", "poly"]
+    assert list_categories(None, "elpv") == ["mono", "poly"]
     with pytest.raises(ConfigError, match="distributed.num_workers"):
         config_from_args(build_parser().parse_args(["train-all", "--set", "distributed.num_workers=0"]))
 

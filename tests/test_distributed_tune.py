@@ -153,7 +153,7 @@ def test_interrupted_search_resumes(ray_local, data_root, tmp_path):  # noqa: F8
     base = {**BASE, "stage1.epochs": 1, "stage2.epochs": 1}
     search = _search_file(tmp_path / "search.yaml", base, {**SEARCH, "num_samples": 3, "max_concurrent_trials": 1,
                                                            "asha": {"enabled": False}})  # every trial runs to its end
-    args = ["tune", "--data", str(root), "--categories", "bottle", "--out", str(out), "--search", str(search)]
+    args = ["tune", "--data", str(root), "--categories", "bottle", "--out", str(out), "--plan", str(search)]
     cmd = [sys.executable, "-m", "jobs.tune", *args[1:], "--address", ray.get_runtime_context().gcs_address]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, RAY_AUTH_MODE="disabled"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

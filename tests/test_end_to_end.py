@@ -13,7 +13,7 @@ from tocoad_ray.pipeline import evaluate
 
 from ._subset import mvtec_subset
 
-SETS = ["--set", "data.image_size=128", "--set", "data.crop_size=null", "--set", "bank.coreset_ratio=0.05"]
+SETS = ["--method", "patchcore", "--set", "data.image_size=128", "--set", "data.crop_size=null", "--set", "bank.coreset_ratio=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +108,13 @@ def _err(capsys, argv: list[str]) -> str:
 def test_cli_missing_data_folder(capsys, tmp_path):
     err = _err(capsys, ["fit", "--data", str(tmp_path / "no_such_root"), "--category", "bottle",
                         "--out", str(tmp_path / "a"), "--quiet"])
-    assert "category folder not found" in err and "no_such_root" in err
+    assert "data root not found" in err and "no_such_root" in err
 
 
 def test_cli_unknown_category(capsys, data_root, tmp_path):
     err = _err(capsys, ["fit", "--data", str(data_root / "mvtec_ad"), "--category", "bottel",
                         "--out", str(tmp_path / "a"), "--quiet"])
-    assert "bottel" in err and "not found" in err
+    assert "bottel" in err and "not found" in err and "did you mean 'bottle'" in err
     assert not (tmp_path / "a").exists()  # nothing written for a failed fit
 
 

@@ -89,9 +89,16 @@ def _stage2_worker(rank: int, store_path: str, cfg: Config, paths: list[str], ou
 
     from tocoad_ray.data import Preprocess
     from tocoad_ray.synth import AnomalyGenerator
-    from tocoad_ray.train import Stage2Trainer, build_extractor, make_stage2_batch, prepare_images
-    from tocoad_ray.train.common import row_rng, seeded_init, view_augment
+    from tocoad_ray.train import (
+        Stage2Trainer,
+        build_extractor,
+        make_stage2_batch,
+        prepare_images,
+    )
+    from tocoad_ray.train.schedule import row_rng
+    from tocoad_ray.train.seeding import seeded_init
     from tocoad_ray.train.stage1 import build_discriminator
+    from tocoad_ray.train.views import view_augment
 
     _init_group(rank, store_path, "gloo")
     try:

@@ -20,7 +20,7 @@ from PIL import Image
 from serve.shards import ShardedSearch, shard_bounds
 
 CATEGORY = "bottle"
-TINY = {"data.image_size": 128, "data.crop_size": 112, "bank.coreset_ratio": 0.05, "bank.threshold_images": 8,
+TINY = {"method": "patchcore", "data.image_size": 128, "data.crop_size": 112, "bank.coreset_ratio": 0.05, "bank.threshold_images": 8,
         "bank.batch_size": 8}
 MAX_BYTES = 2_000_000
 MAX_PIXELS = 4_000_000

@@ -1,7 +1,6 @@
 """Stage II variants: dense pairing through crop boxes, the preservation term, resume."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +11,13 @@ from tocoad_ray.config import ConfigError, build_config, replace
 from tocoad_ray.data import Preprocess
 from tocoad_ray.models.discriminator import Discriminator
 from tocoad_ray.synth import AnomalyGenerator
-from tocoad_ray.train import Stage2Trainer, ViewAugment, build_extractor, make_stage2_batch, train_tocoad
+from tocoad_ray.train import (
+    Stage2Trainer,
+    ViewAugment,
+    build_extractor,
+    make_stage2_batch,
+    train_tocoad,
+)
 from tocoad_ray.train.losses import correspondence, dense_neg_cosine, dense_sym_loss
 
 from .test_tocoad_train import images, interrupt_stage2_then_resume, tiny_cfg
@@ -157,7 +162,7 @@ def test_every_variant_resumes_from_its_checkpoint(tmp_path, monkeypatch, varian
     resumed = interrupt_stage2_then_resume(lambda resume: run(tmp_path / "b", resume), tmp_path / "b", monkeypatch)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     # F moved away from where training started (the seeded F the run began with, not a fresh random one)
-    from tocoad_ray.train.common import seeded_init
+    from tocoad_ray.train.seeding import seeded_init
 
     start = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg)).body.state_dict()
     assert straight.keys() == start.keys()

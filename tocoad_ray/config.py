@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from .errors import ConfigError  # noqa: F401 (re-exported)
+from .names import LAYOUTS, METHODS, SEARCHES, did_you_mean
 
 
 @dataclass
@@ -28,6 +30,9 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"
+                              f"{did_you_mean(str(self.layout), LAYOUTS)}")
         if self.image_size < 32:
             raise ConfigError(f"data.image_size must be >= 32, got {self.image_size}")
         if self.crop_size is not None and not 32 <= self.crop_size <= self.image_size:
@@ -70,12 +75,26 @@ class BankConfig:
     faiss_gpu: bool = True  # use a faiss GPU index when faiss-gpu and a GPU are present
     threshold_quantile: float = 0.99  # default verdict threshold: this quantile of held-out normal scores
     threshold_images: int = 64  # training images scored leave-one-image-out for score statistics
+    # which threshold is active: loo = threshold_quantile of the leave-one-image-out normal scores;
+    # synthetic = the highest threshold that flags threshold_recall of synthetic anomalies made by
+    # threshold_generator from the same images (scored leave-one-image-out too), raised where needed
+    # so at most threshold_max_fpr of those normals reach it (docs/thresholds.md); both are recorded
+    threshold_mode: str = "loo"
+    threshold_recall: float = 0.9  # synthetic: target recall on the synthetic anomalies
+    threshold_max_fpr: float = 0.05  # synthetic: bound on the false-alarm rate on held-out normals
+    threshold_generator: str | None = None  # synthetic: perlin | cutpaste | cutpaste_scar | nsa; None: generator.kind
     # nearest-neighbour search at scoring time: exact (faiss flat) | ivf (inverted file for the pixel
     # map, exact re-check of each image's maximum: image scores equal exact ones; see bank/knn.py)
     search: str = "exact"
     ivf_nlist: int = 0  # 0: 4·sqrt(bank size)
     ivf_nprobe: int = 32  # cells visited per query (measured: 8 lost 0.0027 AUPRO on magnetic_tile, 32 holds)
     storage: str = "float32"  # float32 | sq8 (8-bit scalar quantisation: 4x smaller, searched as codes)
+    # operator feedback (`tocoad bank add`, POST /v1/products/{p}/feedback; bank/feedback.py):
+    # the bank never grows past max_size rows (0: twice the bank the fit selected); past it a
+    # coreset of the union is re-selected. An image scoring above refuse_factor × threshold is
+    # refused as "obviously anomalous" unless forced.
+    max_size: int = 0
+    refuse_factor: float = 1.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.coreset_ratio <= 1.0:
@@ -86,7 +105,7 @@ class BankConfig:
             raise ConfigError(f"bank.num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ConfigError(f"bank.patch_size must be a positive odd number, got {self.patch_size}")
-        if self.search not in ("exact", "ivf"):
+        if self.search not in SEARCHES:
             raise ConfigError(f"bank.search must be exact or ivf, got {self.search!r}")
         if self.storage not in ("float32", "sq8"):
             raise ConfigError(f"bank.storage must be float32 or sq8, got {self.storage!r}")
@@ -94,6 +113,22 @@ class BankConfig:
             raise ConfigError(f"bank.ivf_nlist must be >= 0 and bank.ivf_nprobe >= 1, got {self.ivf_nlist}, {self.ivf_nprobe}")
         if not 0.0 < self.threshold_quantile < 1.0:
             raise ConfigError(f"bank.threshold_quantile must be in (0, 1), got {self.threshold_quantile}")
+        if self.max_size < 0:
+            raise ConfigError(f"bank.max_size must be >= 0 (0: twice the fitted bank), got {self.max_size}")
+        if self.refuse_factor <= 1.0:
+            raise ConfigError(f"bank.refuse_factor must be > 1, got {self.refuse_factor}")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ConfigError(f"bank.threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.threshold_mode!r}")
+        if not 0.0 < self.threshold_recall <= 1.0:
+            raise ConfigError(f"bank.threshold_recall must be in (0, 1], got {self.threshold_recall}")
+        if not 0.0 <= self.threshold_max_fpr < 1.0:
+            raise ConfigError(f"bank.threshold_max_fpr must be in [0, 1), got {self.threshold_max_fpr}")
+        if self.threshold_generator is not None and self.threshold_generator not in GENERATOR_KINDS:
+            raise ConfigError(f"bank.threshold_generator must be null or one of {list(GENERATOR_KINDS)}, "
+                              f"got {self.threshold_generator!r}")
+
+
+THRESHOLD_MODES = ("loo", "synthetic")
 
 
 @dataclass
@@ -287,10 +322,34 @@ class DistributedConfig:
 
 
 @dataclass
-class Config:
-    """Top-level configuration of a fit. ``method``: patchcore | tocoad | reconpatch."""
+class TrackingConfig:
+    """Run tracking with MLflow for ``tocoad train-all`` and ``tocoad tune`` (docs/tracking.md).
 
-    method: str = "patchcore"
+    Off by default: mlflow is an optional extra (``pip install "tocoad-ray[tracking]"``) and a fresh
+    install must run without it; ``--track`` or ``enabled: true`` turns it on. Where a run is
+    logged does not change what it computes: this section is not part of a category's fingerprint.
+    """
+
+    enabled: bool = False
+    # MLflow tracking URI; None: a file store in OUT/mlruns. On a multi-node cluster every node
+    # logs: a folder every node mounts (file:...), or a tracking server (http://...)
+    uri: str | None = None
+    experiment: str | None = None  # None: "<job> <output folder>", one experiment per output folder
+
+    def __post_init__(self) -> None:
+        if self.uri is not None and not self.uri.strip():
+            raise ConfigError("tracking.uri must be null (OUT/mlruns) or a tracking URI, got an empty string")
+        if self.experiment is not None and not self.experiment.strip():
+            raise ConfigError("tracking.experiment must be null (named after the output folder) or a name, "
+                              "got an empty string")
+
+
+@dataclass
+class Config:
+    """Top-level configuration of a fit. ``method``: tocoad (the default: what the project is for) |
+    patchcore (frozen F, no training: the baseline) | reconpatch."""
+
+    method: str = "tocoad"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -300,10 +359,12 @@ class Config:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     reconpatch: ReConPatchConfig = field(default_factory=ReConPatchConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}"
+                              f"{did_you_mean(str(self.method), METHODS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,7 +373,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-METHODS = {"patchcore", "tocoad", "reconpatch"}
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -378,7 +438,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; known: {sorted(known)}")
+        hints_ = "".join(did_you_mean(k, known) for k in sorted(unknown))
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}{hints_}; "
+                          f"known in {prefix.rstrip('.') or 'the top level'}: {sorted(known)}")
     kwargs = {k: _check_type(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, load_tensors, read_meta, write_meta
+from .artifact import (
+    ArtifactError,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    load_tensors,
+    read_meta,
+    write_meta,
+)
 from .bank.memory_bank import MemoryBank, bank_from_tensors, bank_tensors
 from .bank.scoring import anomaly_maps
 from .config import Config, from_dict, replace
@@ -25,6 +32,8 @@ from .patch_model import PatchModel, load_adapter
 
 Log = Callable[[str], None]
 
+
+logger = logging.getLogger(__name__)
 
 def _loader(samples: Sequence[Sample], preprocess: Preprocess, cfg: Config) -> DataLoader:
     return DataLoader(ImageDataset(samples, preprocess), batch_size=cfg.bank.batch_size, shuffle=False,
@@ -48,8 +57,9 @@ def _use_faiss_gpu(cfg: Config) -> bool:
 
 
 def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resume: bool = False,
-        progress: bool = True, log: Log = print) -> dict[str, Any]:
+        progress: bool = True, log: Log | None = None) -> dict[str, Any]:
     """Fit ``cfg.method`` on the normal training images and write an artifact to ``out``."""
+    log = log or logger.info
     torch.manual_seed(cfg.seed)
     out = Path(out)
     split = load_split(data_root, category, cfg.data.layout)
@@ -80,19 +90,23 @@ def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resu
     patches, grid = extract(model, _loader(split.train, preprocess, cfg), progress, "train features")
     timings["features_s"] = time.perf_counter() - t
     return finish_fit(cfg, out, category, data_root, extractor, preprocess, patches, grid, len(split.train),
-                      files=files, timings=timings, t_start=t0, device=device, resume=resume, progress=progress, log=log)
+                      files=files, timings=timings, t_start=t0, device=device, resume=resume, progress=progress, log=log,
+                      train_images=[s.path for s in split.train])
 
 
 def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, extractor: FeatureExtractor,
                preprocess: Preprocess, patches: np.ndarray, grid: tuple[int, int], n_train: int, *,
                files: dict[str, str], timings: dict[str, float], t_start: float, device: torch.device,
-               resume: bool = False, progress: bool = True, log: Log = print,
-               train_adapter: Callable[..., torch.nn.Module] | None = None) -> dict[str, Any]:
+               resume: bool = False, progress: bool = True, log: Log | None = None,
+               train_adapter: Callable[..., torch.nn.Module] | None = None,
+               train_images: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Everything after the training features (image-major rows of F's patches): ReConPatch's g
     (method reconpatch), the coreset M (eq. 7), leave-one-image-out score statistics, threshold and
     the artifact. ``pipeline.fit`` and the Ray job both end here, so the same features give the
     same artifact. ``train_adapter`` replaces ``train_reconpatch`` (same signature), e.g. to run it
-    as a Ray task."""
+    as a Ray task. ``train_images`` (the files of the feature rows, in order) are needed by
+    ``bank.threshold_mode: synthetic``."""
+    log = log or logger.info
     out = Path(out)
     P = grid[0] * grid[1]
     if len(patches) != n_train * P:
@@ -134,6 +148,13 @@ def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, ext
         "q99": float(np.quantile(normal, 0.99)), "threshold_quantile": q,
     }
     threshold = float(np.quantile(normal, q))
+    thresholds: dict[str, Any] = {"active": "loo", "loo": threshold}
+    if cfg.bank.threshold_mode == "synthetic":
+        t = time.perf_counter()
+        thresholds = synthetic_thresholds(cfg, out, bank, extractor, preprocess, train_images, n_train, ids, normal,
+                                          threshold, device, log)
+        threshold = thresholds["synthetic"]
+        timings["synthetic_threshold_s"] = time.perf_counter() - t
 
     atomic_save_tensors(out / "bank.safetensors", bank_tensors(bank))
     files["bank.safetensors"] = ""
@@ -158,7 +179,11 @@ def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, ext
         "n_train_images": n_train,
         "n_train_patches": int(len(patches)),
         "score_stats": stats,
+        # the leave-one-out scores themselves: feedback recomputes the threshold from them, the
+        # service's drift watch compares live scores with them (tocoad_ray.drift)
+        "normal_scores": [float(v) for v in normal],
         "threshold": threshold,
+        "thresholds": thresholds,
         "timings": timings,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -168,6 +193,36 @@ def finish_fit(cfg: Config, out: Path, category: str, data_root: str | Path, ext
     log(f"artifact written to {out}: bank {len(bank)}×{bank.dim}, threshold {threshold:.4f}, "
         f"bank build {timings['bank_build_s']:.1f}s (features {timings['features_s']:.1f}s + coreset {timings['coreset_s']:.1f}s)")
     return meta
+
+
+def synthetic_thresholds(cfg: Config, out: Path, bank: MemoryBank, extractor: FeatureExtractor, preprocess: Preprocess,
+                         images: Sequence[str | Path] | None, n_train: int, ids: np.ndarray, normal: np.ndarray,
+                         loo: float, device: torch.device, log: Log) -> dict[str, Any]:
+    """``bank.threshold_mode: synthetic``: the generator's anomalies made from the images whose
+    leave-one-image-out scores are ``normal`` (``validation.build_validation_set``), scored the same
+    way (their own bank rows left out, so both sides are held-out-like), set the threshold that
+    reaches ``bank.threshold_recall`` on them with at most ``bank.threshold_max_fpr`` false alarms
+    on the normals (``bank/threshold.py``). Returns the artifact's ``thresholds`` record."""
+    from .bank.threshold import synthetic_threshold
+    from .validation import build_validation_set
+
+    if images is None or len(images) != n_train:
+        raise ValueError(f"bank.threshold_mode synthetic needs the {n_train} training image files, "
+                         f"got {'none' if images is None else len(images)}")
+    kind = cfg.bank.threshold_generator or cfg.generator.kind
+    vset = build_validation_set([images[i] for i in ids], preprocess, kind, cfg.seed)
+    adapter = load_adapter(out / "adapter.safetensors") if (out / "adapter.safetensors").is_file() else None
+    model = PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=device, fast=cfg.backbone.fast_inference)
+    x = vset.images[torch.from_numpy(vset.labels == 1)]
+    bs = cfg.bank.batch_size
+    rows = np.concatenate([model.embed(x[i:i + bs])[0] for i in range(0, len(x), bs)])
+    anomalous = bank.leave_one_out_scores(rows, ids.astype(np.int32), len(ids), cfg.bank.num_neighbors)
+    s = synthetic_threshold(normal, anomalous, cfg.bank.threshold_recall, cfg.bank.threshold_max_fpr)
+    log(f"threshold: synthetic {s.threshold:.4f} ({s.bound} bound: recall {s.recall:.3f} on {len(anomalous)} {kind} "
+        f"anomalies, false alarms {s.fpr:.3f} on {len(normal)} normals), leave-one-out quantile {loo:.4f}")
+    return {"active": "synthetic", "loo": loo, "synthetic": s.threshold,
+            "synthetic_fit": {**s.to_dict(), "generator": kind, "normal_scores": [float(v) for v in normal],
+                              "anomalous_scores": [float(v) for v in anomalous]}}
 
 
 @dataclass
@@ -195,8 +250,11 @@ class Detector:
 
 def load_detector(artifact: str | Path, device: str | None = None, search: str | None = None) -> Detector:
     """Load and verify an artifact; rebuild F (+ g) and check the weights are the ones the bank was
-    built with. ``search`` overrides the artifact's ``bank.search`` (exact | ivf)."""
-    artifact = Path(artifact)
+    built with. ``search`` overrides the artifact's ``bank.search`` (exact | ivf). A versioned
+    artifact folder loads its current version (``artifact_versions``)."""
+    from .artifact_versions import current_dir
+
+    artifact = current_dir(artifact)
     meta = read_meta(artifact)
     cfg = from_dict(Config, meta["config"])
     if search is not None:

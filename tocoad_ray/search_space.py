@@ -168,7 +168,7 @@ def candidates(dist: dict[str, Any], key: str) -> list[Any]:
 
 def check_space(base: Config, space: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
     """Raise ConfigError naming the first bad entry; return every key's candidate values."""
-    from .train.common import needed_layers
+    from .train.extractor import needed_layers
 
     if not space:
         raise ConfigError("search.space is empty: nothing to search")

@@ -106,7 +106,7 @@ def build_validation_set(images: Sequence[np.ndarray | str | Path], preprocess: 
     base rotation, so the only difference from the normal image is the anomaly; a draw whose
     anomaly falls outside the crop (or is tiny) is redrawn with the next seed."""
     from .synth import AnomalyGenerator
-    from .train.common import prepare_images
+    from .train.images import prepare_images
 
     sources = [str(p) for p in images if isinstance(p, (str, Path))]
     base = prepare_images(images, preprocess)

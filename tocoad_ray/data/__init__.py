@@ -4,7 +4,7 @@
 (numpy + PIL) stay importable without torch: the edge scorer (``tocoad_ray.export.runtime``) needs that.
 """
 from .image_io import DEFAULT_MAX_PIXELS, decode_image_bytes, read_image, read_mask
-from .layouts import IMAGE_EXTS, LAYOUTS, load_split, read_btad, read_elpv, read_folder, read_mvtec, read_visa
+from .layouts import IMAGE_EXTS, LAYOUTS, list_categories, load_split, read_btad, read_elpv, read_folder, read_mvtec, read_visa
 from .samples import DataError, Sample, Split
 
 _TORCH = {"ImageDataset": "dataset", "has_masks": "dataset", "IMAGENET_MEAN": "transforms",
@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "DataError", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTS", "ImageDataset", "LAYOUTS",
+    "DEFAULT_MAX_PIXELS", "DataError", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTS", "ImageDataset", "LAYOUTS", "list_categories",
     "Preprocess", "Sample", "Split", "decode_image_bytes", "has_masks", "load_split", "read_btad", "read_elpv",
     "read_folder", "read_image", "read_mask", "read_mvtec", "read_visa",
 ]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..names import LAYOUTS, did_you_mean
 from .samples import DataError, Sample, Split
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-LAYOUTS = ("mvtec", "visa", "btad", "folder", "elpv")
 
 
 def _is_image(p: Path) -> bool:
@@ -28,6 +28,19 @@ def _images(folder: Path, recursive: bool = False) -> list[Path]:
 
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _category_dir(root: str | Path, category: str) -> Path:
+    """``root/category``, or an error that lists the categories there (closest first)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root not found: {root}")
+    base = root / category
+    if not base.is_dir():
+        there = [p.name for p in _subdirs(root) if not p.name.startswith("_")]
+        raise DataError(f"category {category!r} not found under {root}{did_you_mean(category, there)}; "
+                        f"categories there: {', '.join(there) or 'none'}")
+    return base
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -68,7 +81,7 @@ def read_mvtec(root: str | Path, category: str) -> Split:
     empty mask (it still counts for image-level metrics). Normal images never get masks.
     Also serves MPDD and Magnetic-tile, which ship in the same layout.
     """
-    base = _require_dir(Path(root) / category, "category folder")
+    base = _category_dir(root, category)
     good = _require_dir(base / "train" / "good", "training folder")
     train = _train(_images(good), good)
     test_dir = _require_dir(base / "test", "test folder")
@@ -85,7 +98,7 @@ def read_mvtec(root: str | Path, category: str) -> Split:
 def read_btad(root: str | Path, category: str) -> Split:
     """BTAD layout: ``root/category/train/ok``, ``test/ok``, ``test/ko``, masks
     ``ground_truth/ko/<stem>.png`` (or ``.bmp``). Anomalous images are typed ``"ko"``."""
-    base = _require_dir(Path(root) / category, "category folder")
+    base = _category_dir(root, category)
     ok = _require_dir(base / "train" / "ok", "training folder")
     train = _train(_images(ok), ok)
     test_dir = _require_dir(base / "test", "test folder")
@@ -111,7 +124,7 @@ def read_folder(root: str | Path, category: str) -> Split:
     Masks are matched by file stem alone, so anomalous stems must be unique across types
     when ``masks/`` exists. The test folder is optional (fit-only data sets).
     """
-    base = _require_dir(Path(root) / category, "category folder")
+    base = _category_dir(root, category)
     train_dir = _require_dir(base / "train", "training folder")
     train = _train(_images(train_dir, recursive=True), train_dir)
     test: list[Sample] = []
@@ -243,3 +256,24 @@ def load_split(root: str | Path | None, category: str, layout: str = "mvtec") ->
         raise DataError(f"layout {layout!r} needs a data root folder")
     reader = {"mvtec": read_mvtec, "visa": read_visa, "btad": read_btad, "folder": read_folder}[layout]
     return reader(root, category)
+
+
+def list_categories(root: str | Path | None, layout: str) -> list[str]:
+    """Every category under ``root`` in ``layout`` (elpv: mono, poly; VisA: the split file's objects)."""
+    if layout == "elpv":
+        return ["mono", "poly"]
+    if root is None:
+        raise DataError(f"layout {layout!r} needs a data root folder (--data ROOT)")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root not found: {root}")
+    if layout == "visa":
+        csv_path = root / "split_csv" / "1cls.csv"
+        if not csv_path.is_file():
+            raise DataError(f"VisA split file not found: {csv_path}")
+        with open(csv_path, newline="") as f:
+            return sorted({row["object"] for row in csv.DictReader(f)})
+    cats = [p.name for p in _subdirs(root) if not p.name.startswith("_")]
+    if not cats:
+        raise DataError(f"no category folders under {root}")
+    return cats

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,11 +28,24 @@ import torch
 from ..artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, read_meta
 from ..config import Config, replace
 from ..data import DataError, Preprocess, load_split
-from ..validation import (QuickValidator, ValidationConfig, build_validation_set, holdout, resolve_generator,
-                          score_validation)
+from ..digest import fingerprint
 from ..models.backbone import FeatureExtractor
-from ..train.checkpoint import CheckpointError, load_checkpoint, read_pointer, save_checkpoint
-from ..train.common import build_extractor, fingerprint, seeded_init
+from ..train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_pointer,
+    save_checkpoint,
+)
+from ..train.extractor import build_extractor
+from ..train.seeding import seeded_init
+from ..validation import (
+    QuickValidator,
+    ValidationConfig,
+    build_validation_set,
+    holdout,
+    resolve_generator,
+    score_validation,
+)
 from .features import extract_features
 from .progress import report_progress
 from .samples import SampleSpec, decode_images, image_store
@@ -160,7 +173,8 @@ def _bank(cfg: Config, out: Path, category: str, data_root: str | Path, paths: l
     preprocess = Preprocess(cfg.data, extractor.mean, extractor.std)
     return finish_fit(cfg, out, category, data_root, extractor, preprocess, patches, grid, len(paths), files=files,
                       timings=timings, t_start=t_start, device=resolve_device("cpu"), progress=False, log=log,
-                      train_adapter=_remote_reconpatch(cfg, work, category) if cfg.method == "reconpatch" else None)
+                      train_adapter=_remote_reconpatch(cfg, work, category) if cfg.method == "reconpatch" else None,
+                      train_images=paths)
 
 
 def _evaluate(art: Path, data_root: str | Path, category: str, cfg: Config) -> dict[str, Any]:

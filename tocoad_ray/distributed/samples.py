@@ -23,9 +23,11 @@ import torch
 
 from ..config import Config, DataConfig, from_dict
 from ..data import Preprocess
-from ..train.common import epoch_rows, view_augment, prepare_images, row_rng, steps_per_epoch
+from ..train.images import prepare_images
+from ..train.schedule import epoch_rows, row_rng, steps_per_epoch
 from ..train.stage1 import make_stage1_batch
 from ..train.stage2 import make_stage2_batch
+from ..train.views import view_augment
 
 
 @dataclass(frozen=True)

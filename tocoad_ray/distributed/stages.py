@@ -27,11 +27,19 @@ from typing import Any
 import torch
 
 from ..config import Config, from_dict
+from ..digest import fingerprint
 from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..train.common import build_extractor, fingerprint, seeded_init
+from ..train.extractor import build_extractor
+from ..train.seeding import seeded_init
 from .allocator import keep_freed_memory
 from .progress import report_progress
-from .samples import SampleSpec, configure_data_context, epoch_dataset, to_trainer_batch, worker_batch
+from .samples import (
+    SampleSpec,
+    configure_data_context,
+    epoch_dataset,
+    to_trainer_batch,
+    worker_batch,
+)
 
 STAGE_NAMES = {1: "stage1", 2: "stage2"}
 # glibc serves a non-main thread (Ray Train V2 runs the loop in one) from 64 MiB arena heaps and

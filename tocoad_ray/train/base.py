@@ -5,10 +5,8 @@ import math
 import time
 from typing import Any, Iterable
 
-import torch
-
 from .checkpoint import restore_counter
-from .common import rng_state, set_rng_state
+from .seeding import rng_state, set_rng_state
 
 
 class StageTrainer:

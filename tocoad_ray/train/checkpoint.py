@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write, sha256_file
 from ..errors import CheckpointError  # noqa: F401 (re-exported)
+from ..fileio import atomic_write, sha256_file
 
 POINTER = "latest.json"
 

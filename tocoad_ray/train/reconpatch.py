@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,8 +34,15 @@ from ..artifact import atomic_save_tensors
 from ..config import Config
 from ..fileio import atomic_write, sha256_file
 from ..models.backbone import resolve_device
-from ..models.reconpatch import PatchAdapter, ReConPatch, pseudo_labels, relaxed_contrastive_loss
+from ..models.reconpatch import (
+    PatchAdapter,
+    ReConPatch,
+    pseudo_labels,
+    relaxed_contrastive_loss,
+)
 from .checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_DECAY = 1e-2  # AdamW default; ReConPatchConfig has no field for it
 KEEP_CHECKPOINTS = 2
@@ -121,7 +129,7 @@ def epoch_plan(n: int, batch_size: int, max_patches: int, seed: int, epoch: int)
 # --- training --------------------------------------------------------------------------------------
 
 def train_reconpatch(cfg: Config, patches: torch.Tensor, workdir: str | Path, device: str | torch.device = "auto",
-                     resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = print
+                     resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None
                      ) -> PatchAdapter:
     """Train ReConPatch's g and h on ``patches`` [N, d] (float32; may stay on CPU) and return g as a
     ``PatchAdapter`` (eval mode, on CPU; also saved to ``workdir/reconpatch/adapter.safetensors``).
@@ -131,6 +139,7 @@ def train_reconpatch(cfg: Config, patches: torch.Tensor, workdir: str | Path, de
     loss = relaxed_contrastive_loss(model(φ), w, margin), AdamW step, EMA update. ``resume=True``
     continues from ``workdir/reconpatch/latest.json`` (a finished run returns at once).
     """
+    log = log or logger.info
     rc = cfg.reconpatch
     if patches.dim() != 2 or patches.shape[0] < 2:
         raise ValueError(f"patches must be [N >= 2, d], got {tuple(patches.shape)}")

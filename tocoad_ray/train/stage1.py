@@ -7,7 +7,7 @@ the ablation (``stage1.loss="ce"``). Adam(lr), MultiStepLR ×``lr_decay`` at 80 
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,8 +17,9 @@ from ..data import Preprocess
 from ..models.backbone import FeatureExtractor
 from ..models.discriminator import Discriminator
 from .base import StageTrainer, milestones
-from .common import per_image, seeded_init
 from .losses import ce_loss, focal_loss
+from .schedule import per_image
+from .seeding import seeded_init
 
 
 def stage1_sample(image_uint8: np.ndarray, generator, preprocess: Preprocess, rng: np.random.Generator

@@ -47,9 +47,17 @@ from ..models.backbone import FeatureExtractor
 from ..models.contrastive import ContrastiveHead
 from ..models.discriminator import Discriminator
 from .base import StageTrainer
-from .common import ViewAugment, per_image, seeded_init
-from .losses import dense_sym_loss, feature_preservation, projection_std, sym_loss, weight_preservation
+from .losses import (
+    dense_sym_loss,
+    feature_preservation,
+    projection_std,
+    sym_loss,
+    weight_preservation,
+)
+from .schedule import per_image
+from .seeding import seeded_init
 from .stage1 import pixel_loss, stage1_sample
+from .views import ViewAugment
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +149,7 @@ class Stage2Trainer(StageTrainer):
         self.layers = list(cfg.backbone.stage2_layers)
         missing = [l for l in self.layers if l not in extractor.channels]
         if missing:
-            raise ValueError(f"extractor lacks stage2 layer(s) {missing}; build it with train.common.build_extractor")
+            raise ValueError(f"extractor lacks stage2 layer(s) {missing}; build it with train.extractor.build_extractor")
         self.extractor = extractor.to(self.device)
         self.discriminator = discriminator
         if discriminator is not None:

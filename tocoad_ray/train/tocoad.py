@@ -7,7 +7,7 @@ loads by name (the trained body holds every level up to the deepest one used, a 
 from __future__ import annotations
 
 import json
-import time
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,13 +17,25 @@ import torch
 
 from ..config import Config
 from ..data import Preprocess
+from ..digest import fingerprint
 from ..models.backbone import resolve_device
 from ..synth import AnomalyGenerator
-from .checkpoint import CheckpointError, clear_checkpoint, load_checkpoint, read_pointer, save_checkpoint
-from .common import (STAGE_IDS, build_extractor, fingerprint, iter_batches, needed_layers, prepare_images,
-                     seeded_init, steps_per_epoch, view_augment)
+from .checkpoint import (
+    CheckpointError,
+    clear_checkpoint,
+    load_checkpoint,
+    read_pointer,
+    save_checkpoint,
+)
+from .extractor import build_extractor, needed_layers
+from .images import prepare_images
+from .schedule import STAGE_IDS, iter_batches, steps_per_epoch
+from .seeding import seeded_init
 from .stage1 import Stage1Trainer, make_stage1_batch
 from .stage2 import Stage2Trainer, make_stage2_batch
+from .views import view_augment
+
+logger = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.jsonl"
 
@@ -77,12 +89,13 @@ def _run_stage(trainer, stage: str, cfg_stage, workdir: Path, make_batch: Callab
 
 
 def train_tocoad(cfg: Config, images: Sequence[np.ndarray | str | Path], workdir: str | Path, device: str = "auto",
-                 resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+                 resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """Run stage I (if ``cfg.stage1.enabled``) then stage II (if ``cfg.stage2.enabled``) on the
     normal training ``images`` (uint8 HxWx3 arrays or paths). Checkpoints go to
     ``workdir/stage{1,2}/``, per-epoch metrics to ``workdir/train_log.jsonl``. ``resume=True``
     continues from the saved epochs (completed stages are skipped). Returns the fine-tuned F body
     state dict (cpu tensors)."""
+    log = log or logger.info
     dev = resolve_device(device)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
