@@ -3,8 +3,8 @@
 Same backbone, resolution and seed for every variant; prints one JSON line per (category, variant)
 and a Markdown table (image AUROC, pixel AUROC, AUPRO, training time).
 
-The default epoch counts fit a 2-core CPU (tens of minutes for the three benchmark
-categories: bottle, metal_plate, magnetic_tile); the paper's 100 + 100 epochs stay the library default for GPU users:
+The default epoch counts fit a 2-core CPU (tens of minutes for bottle, metal_plate and
+magnetic_tile); the paper's 100 + 100 epochs stay the library default for GPU users:
 
     python bench/ablation.py                       # CPU budget
     python bench/ablation.py --stage1-epochs 100 --stage2-epochs 100 --steps 0   # the paper's schedule

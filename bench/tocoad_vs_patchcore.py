@@ -33,7 +33,7 @@ from tocoad_ray.config import build_config  # noqa: E402
 from tocoad_ray.pipeline import evaluate, fit  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-LEVEL_TOLERANCE = 0.001  # smallest difference that counts as not "the same"
+LEVEL_TOLERANCE = 0.001  # floor of the seed spread that "level" allows
 
 
 def run_key(cfg) -> str:
