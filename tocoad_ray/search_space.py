@@ -19,7 +19,6 @@ method searched; otherwise the error names the entry before anything runs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, build_config, from_dict
+from .digest import digest
 from .validation import METRICS, ValidationConfig, resolve_generator
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
@@ -96,7 +96,7 @@ def default_space(cfg: Config) -> dict[str, dict[str, Any]]:
             "stage2.epochs": {"choice": sorted({max(1, s2.epochs // 2), s2.epochs})},
             "generator.kind": {"choice": ["perlin", "cutpaste"]},
             "backbone.stage2_layers": {"choice": layers},
-            # stage II variants (README "Stage II variants"); the base config's values stay reachable
+            # stage II variants (docs/methods.md "Stage II variants"); the base config's values stay reachable
             "stage2.contrast": {"choice": sorted({s2.contrast, "global", "dense"})},
             "stage2.preserve": {"choice": sorted({s2.preserve, "none", "feature", "l2sp"})},
             "stage2.preserve_weight": {"loguniform": [min(0.3, s2.preserve_weight or 0.3), max(30.0, s2.preserve_weight)]},
@@ -234,7 +234,7 @@ class SearchPlan:
         return d
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return digest(self.to_dict(), 12)
 
 
 def _asdict(obj: Any) -> Any:

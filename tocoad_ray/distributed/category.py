@@ -28,7 +28,7 @@ import torch
 from ..artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, read_meta
 from ..config import Config, replace
 from ..data import DataError, Preprocess, load_split
-from ..digest import fingerprint
+from ..digest import digest
 from ..models.backbone import FeatureExtractor
 from ..train.checkpoint import (
     CheckpointError,
@@ -62,8 +62,9 @@ def category_fingerprint(cfg: Config, data_root: str | Path, category: str, vali
     """A finished category is reused only for the same config, data, category and validation plan."""
     conf = cfg.to_dict()
     conf["distributed"] = {k: v for k, v in conf["distributed"].items() if k not in PLACEMENT_KEYS}
-    return hashlib.sha256(fingerprint({"config": conf, "data": str(data_root), "category": category,
-                                       **({"validation": validation} if validation else {})}).encode()).hexdigest()
+    conf.pop("tracking", None)  # where the run is logged, not what it computes
+    return digest({"config": conf, "data": str(data_root), "category": category,
+                   **({"validation": validation} if validation else {})})
 
 
 def finished_result(out: Path, cfg: Config, data_root: str | Path, category: str, validation: dict | None = None
@@ -208,7 +209,7 @@ def _validation_data(cfg: Config, plan: dict, paths: list[Path], mean, std) -> t
 def train_category(cfg: Config, data_root: str | Path, category: str, out: str | Path, storage_path: str | Path,
                    board: str | None = None, log: Callable[[str], None] | None = None,
                    validation: ValidationConfig | None = None, val_generator: str | None = None,
-                   callbacks: list | None = None) -> dict[str, Any]:
+                   callbacks: list | None = None, tracking: Any = None) -> dict[str, Any]:
     """Train, build and evaluate one category; returns (and writes to work/<category>/result.json)
     its metrics, the baseline's, per-stage times and per-epoch histories.
 
@@ -216,7 +217,10 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
     fitting and the artifact is scored on them and on G_val's anomalies made from them
     (``val_generator``, default: the first generator other than ``generator.kind``); the test split
     is never opened. Every training epoch then also reports the quick-bank validation score, and
-    ``callbacks`` go to the stages' Ray Train runs (Tune's ``TuneReportCallback``)."""
+    ``callbacks`` go to the stages' Ray Train runs (Tune's ``TuneReportCallback``).
+
+    ``tracking`` (a ``tracking.RunRef``): the category's MLflow run; every epoch and the final
+    metrics are logged into it (``distributed/tracking.py``)."""
     out, storage = Path(out), str(storage_path)
     work, art, base = out / "work" / category, out / "artifacts" / category, out / "baseline" / category
     work.mkdir(parents=True, exist_ok=True)
@@ -229,6 +233,10 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         report_progress(board, category, message=msg)
 
     prior = finished_result(out, cfg, data_root, category, plan)
+    if tracking is not None and prior is None:
+        from .tracking import EpochLogger
+
+        callbacks = [*(callbacks or []), EpochLogger(tracking)]
     if prior is not None:
         say("finished in an earlier run with this configuration: skipped")
         report_progress(board, category, stage="done (earlier run)")
@@ -320,6 +328,10 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         "n_train": len(paths), "n_test": metrics.get("n_test"), "messages": messages,
     }
     atomic_write_bytes(work / RESULT, json.dumps(result, indent=2, default=float).encode())
+    if tracking is not None:
+        from .tracking import log_category_result
+
+        log_category_result(tracking, result, work, say)
     report_progress(board, category, stage="done")
     return result
 

@@ -65,9 +65,10 @@ def quiet_console(verbose: bool) -> None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False,
-            verbose: bool = False) -> str:
+            verbose: bool = False, worker_logs: bool | None = None) -> str:
     """Join ``address`` / RAY_ADDRESS, or start a local Ray instance with ``num_cpus``; returns
-    the address joined, "local", or "existing" when this process is already connected."""
+    the address joined, "local", or "existing" when this process is already connected.
+    ``worker_logs``: forward the workers' output to this console (default: only when verbose)."""
     import ray
 
     if ray.is_initialized():
@@ -75,8 +76,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, *, dashboar
     quiet_console(verbose)
     address = address or os.environ.get("RAY_ADDRESS")
     level = logging.INFO if verbose else logging.ERROR  # Ray's own logger: notices and warnings
+    logs = verbose if worker_logs is None else worker_logs
     if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        ray.init(address=address, log_to_driver=logs, logging_level=level)
         return address
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=verbose, logging_level=level)
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=logs, logging_level=level)
     return "local"

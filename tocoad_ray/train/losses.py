@@ -63,7 +63,7 @@ def projection_std(z: torch.Tensor) -> float:
     return float(Fn.normalize(z.detach().float(), dim=1).std(dim=0).mean())
 
 
-# --- stage II variants (README "Stage II variants") ----------------------------------------------
+# --- stage II variants (docs/methods.md "Stage II variants") ----------------------------------------------
 def correspondence(box_a: torch.Tensor, box_b: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each feature cell of view a lies in view b.
 

@@ -20,7 +20,7 @@ Design decisions:
   in train mode (SimSiam needs them against collapse); each view is projected separately.
 * "NCL only" ablation (``stage1.enabled=False``): there is no D, so L = L_sym (λ is not applied to
   a lone term; the loss scale only interacts with the LR).
-* Variants (``stage2.contrast``, ``stage2.preserve``; README "Stage II variants"): L_sym per
+* Variants (``stage2.contrast``, ``stage2.preserve``; docs/methods.md "Stage II variants"): L_sym per
   corresponding patch of the two crops instead of on pooled features (``losses.dense_sym_loss``),
   and an anchor term β·L_pres that keeps F near the pretrained F0 (``losses.feature_preservation``
   on the bank layers, or ``losses.weight_preservation``, L2-SP), so the full objective is
