@@ -103,6 +103,8 @@ def torch_config(gpu: bool) -> "Any":
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in metrics.items() if k != "losses" and isinstance(v, (int, float, str, bool))}
     out.update(metrics.get("losses", {}))
+    # by stage too: a Tune trial's reports run through stage I then II (tracked apart in MLflow)
+    out.update({f"{metrics['stage']}/{k}": v for k, v in metrics.get("losses", {}).items() if "stage" in metrics})
     return out
 
 

@@ -1,0 +1,123 @@
+"""Run tracking in MLflow: a tiny ``train-all`` and a tiny ``tune`` on a local Ray instance write
+a file store that mlflow's own client reads back: one experiment per output folder, the job's
+run, one nested run per category / trial with its config, per-epoch stage losses, validation
+scores, final metrics and files; a resumed train-all logs into the runs it started."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tocoad_ray.config import ConfigError, load_config
+from tocoad_ray.distributed.category import category_fingerprint
+from tocoad_ray.tracking import TAG_CATEGORY, TAG_PARENT, TAG_ROLE, TAG_TRIAL, client, require_mlflow, tracking_uri
+
+from .ray_fixtures import TINY, ray_local, tiny_cfg, tiny_root  # noqa: F401 - fixtures
+
+
+def _runs(uri: str, experiment: str):
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} in {uri}"
+    return c, exp, c.search_runs([exp.experiment_id], max_results=100)
+
+
+def _artifacts(c, run_id: str, path: str | None = None) -> set[str]:
+    return {Path(a.path).name for a in c.list_artifacts(run_id, path)}
+
+
+def test_off_by_default_fingerprint_and_missing_mlflow(monkeypatch, tmp_path):
+    from jobs.train_all import config_from_args
+    from tocoad_ray.cli import build_parser
+
+    cfg = load_config(None)
+    assert not cfg.tracking.enabled and cfg.tracking.uri is None
+    assert config_from_args(build_parser().parse_args(["train-all", "--track"])).tracking.enabled
+    on = load_config(None, {"tracking.enabled": True, "tracking.uri": "http://mlflow:5000"})
+    assert category_fingerprint(on, "d", "bottle") == category_fingerprint(cfg, "d", "bottle")
+    assert tracking_uri(cfg.tracking, tmp_path) == (tmp_path / "mlruns").resolve().as_uri()
+    assert tracking_uri(on.tracking, tmp_path) == "http://mlflow:5000"
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        load_config(None, {"tracking.uri": " "})
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as on an install without the extra
+    with pytest.raises(ConfigError, match=r'pip install "tocoad-ray\[tracking\]"'):
+        require_mlflow()
+
+
+def test_train_all_logs_categories_epochs_metrics_and_report(ray_local, tiny_root, tmp_path):  # noqa: F811
+    from jobs.train_all import run
+
+    cfg = tiny_cfg(**{"distributed.num_workers": 1, "tracking.enabled": True})
+    out = tmp_path / "run"
+    report = run(cfg, str(tiny_root), ["bottle", "metal_plate"], out, interval_s=1, echo=lambda m: None)
+    uri = (out / "mlruns").resolve().as_uri()
+    c, exp, runs = _runs(uri, f"train-all {out.resolve()}")
+    parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "job"]
+    children = {r.data.tags.get(TAG_CATEGORY): r for r in runs if r.data.tags.get(TAG_ROLE) == "child"}
+    assert len(parents) == 1 and set(children) == {"bottle", "metal_plate"}
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["method"] == "tocoad"
+    assert {"report.md", "report.json", "config.yaml"} <= _artifacts(c, parent.info.run_id)
+    for cat, r in children.items():
+        res = report["categories"][cat]
+        assert r.data.tags[TAG_PARENT] == parent.info.run_id and r.info.status == "FINISHED"
+        # params: the config the category ran with, as --set keys
+        assert r.data.params["stage1.epochs"] == "2" and r.data.params["data.image_size"] == "64"
+        assert r.data.params["category"] == cat and "tracking.enabled" not in r.data.params
+        # per-epoch losses of both stages (step = epoch), as in the category's history
+        for stage in ("stage1", "stage2"):
+            hist = c.get_metric_history(r.info.run_id, f"{stage}/loss")
+            assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [1, 2]
+            want = [h["losses"]["loss"] for h in res["histories"][stage]]
+            assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(want)
+        # final metrics: the method's and the baseline's, equal to the report's
+        for k in ("image_auroc", "pixel_auroc", "aupro", "threshold"):
+            assert r.data.metrics[k] == pytest.approx(res["metrics"][k])
+        assert r.data.metrics["baseline/image_auroc"] == pytest.approx(res["baseline"]["image_auroc"])
+        assert {"losses.png", "result.json", "train_log.jsonl"} <= _artifacts(c, r.info.run_id)
+
+    # the same command again: categories skipped, their runs reused (not duplicated) and closed
+    again = run(cfg, str(tiny_root), ["bottle", "metal_plate"], out, interval_s=1, echo=lambda m: None)
+    assert all(again["categories"][k].get("skipped") for k in ("bottle", "metal_plate"))
+    _, _, runs2 = _runs(uri, f"train-all {out.resolve()}")
+    assert {r.info.run_id for r in runs2} == {r.info.run_id for r in runs}
+    assert all(r.info.status == "FINISHED" for r in runs2)
+
+
+def test_tune_trials_appear_as_runs(ray_local, tiny_root, tmp_path):  # noqa: F811
+    from jobs import tune
+    from tocoad_ray.search_space import load_plan
+
+    base = {**TINY, "method": "patchcore", "bank.coreset_ratio": 0.1, "distributed.category_memory_gb": 1.0,
+            "distributed.baseline": False, "tracking.enabled": True}
+    data: dict = {}
+    for dotted, v in base.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    data["search"] = {"num_samples": 2, "max_concurrent_trials": 2, "validation": {"fraction": 0.3, "min_images": 2},
+                      "space": {"bank.num_neighbors": {"choice": [1, 3]}}}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "tune"
+    report = tune.run(load_plan(tmp_path / "plan.yaml"), str(tiny_root), ["bottle"], out, echo=lambda m: None)
+    c, exp, runs = _runs((out / "mlruns").resolve().as_uri(), f"tune {out.resolve()}")
+    parent = next(r for r in runs if r.data.tags.get(TAG_ROLE) == "job")
+    trials = [r for r in runs if TAG_TRIAL in r.data.tags]
+    assert len(trials) == 2 and all(r.data.tags[TAG_PARENT] == parent.info.run_id for r in trials)
+    for r in trials:
+        assert r.info.status == "FINISHED" and r.data.tags[TAG_CATEGORY] == "bottle"
+        assert r.data.params["category"] == "bottle" and r.data.params["bank.num_neighbors"] in ("1", "3")
+        assert r.data.params["method"] == "patchcore"  # the full config, added after the search
+        assert 0.0 <= r.data.metrics["val_score"] <= 1.0
+        assert "result.json" in _artifacts(c, r.info.run_id)
+    # the best trial was evaluated on test: its run holds the test metrics
+    assert any("test/image_auroc" in r.data.metrics for r in trials)
+    default = [r for r in runs if r.data.tags.get("tocoad.trial") == "default"]
+    assert len(default) == 1 and "validation/val_score" in default[0].data.metrics
+    assert {"report.md", "report.json", "search.yaml"} <= _artifacts(c, parent.info.run_id)
+    assert "bottle.yaml" in _artifacts(c, parent.info.run_id, "best")
+    assert report["categories"]["bottle"]["best"] is not None
