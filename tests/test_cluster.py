@@ -21,7 +21,8 @@ from .ray_fixtures import TINY, tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WHY = unavailable()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"the multi-node harness cannot start here: {WHY}")
+pytestmark = [pytest.mark.multinode,
+              pytest.mark.skipif(WHY is not None, reason=f"the multi-node harness cannot start here: {WHY}")]
 
 # 2 categories × (driver 1 + 2 DDP workers × (0.5 + 1 data task × 0.5)) = 6 CPUs at once
 # stage I in 4 one-step epochs: a node can be killed between its checkpoints
