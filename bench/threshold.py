@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tocoad_ray.artifact import read_meta  # noqa: E402
-from tocoad_ray.bank.threshold import rates  # noqa: E402
+from tocoad_ray.bank.threshold import rates, synthetic_threshold  # noqa: E402
 from tocoad_ray.config import load_config  # noqa: E402
 from tocoad_ray.pipeline import evaluate, fit  # noqa: E402
 
@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--out", default="runs/bench_threshold")
     ap.add_argument("--reuse", action="store_true", help="evaluate artifacts already in --out instead of refitting")
+    ap.add_argument("--sweep", default="0.5,0.8,0.9,0.95,0.99,1.0",
+                    help="also these target recalls, from the synthetic and normal scores the artifact recorded")
     args = ap.parse_args()
 
     import yaml
@@ -83,6 +85,15 @@ def main() -> None:
             r = rates(good, bad, th[name])
             row["thresholds"][name] = {"threshold": th[name], "test_fpr": r["fpr"], "test_tpr": r["tpr"],
                                        "test_precision": r["precision"], "test_f1": r["f1"]}
+        # other recall targets from the same recorded fit-time scores (no refit: the bank is the same)
+        row["sweep"] = []
+        for target in (float(v) for v in args.sweep.split(",") if v):
+            st = synthetic_threshold(np.array(fit_stats["normal_scores"]), np.array(fit_stats["anomalous_scores"]),
+                                     target, fit_stats["max_fpr"])
+            r = rates(good, bad, st.threshold)
+            row["sweep"].append({"target_recall": target, "threshold": st.threshold, "bound": st.bound,
+                                 "synthetic_recall": st.recall, "test_fpr": r["fpr"], "test_tpr": r["tpr"],
+                                 "test_f1": r["f1"]})
         # the active threshold's rates are what `tocoad evaluate` reports
         assert np.isclose(row["thresholds"]["synthetic"]["test_tpr"], res["threshold_tpr"])
         rows[item] = row
