@@ -37,6 +37,7 @@ from tocoad_ray.bank.scoring import anomaly_maps, score_patches
 from tocoad_ray.config import DataConfig, from_dict as cfg_from_dict
 from tocoad_ray.data import DataError, Preprocess
 from tocoad_ray.data.image_io import decode_image_bytes
+from tocoad_ray.drift import DriftWindow, reference_scores
 from tocoad_ray.visualize import encode_png, heatmap_overlay
 
 from .backbone import Backbone
@@ -245,6 +246,14 @@ class Ingress:
         self.m_latency = metrics.Histogram("tocoad_score_latency_ms", "scoring latency (ms)",
                                            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
                                            tag_keys=("product",))
+        # drift watch: per product, this replica's last scores vs the artifact's normal scores
+        self._drift: dict[str, tuple[tuple, DriftWindow]] = {}
+        self.m_drift = {k: metrics.Gauge(f"tocoad_drift_{k}", help_, tag_keys=("product",)) for k, help_ in (
+            ("ks", "KS statistic D: window scores vs the artifact's leave-one-out normal scores"),
+            ("ks_pvalue", "p-value of the KS shift"),
+            ("share_above", "share of the window's scores at or above the threshold"),
+            ("alarm", "1 when the shift or the share above threshold is significant (drift.alpha)"),
+            ("window_images", "scores in the drift window"))}
 
     def _count(self, tag: str, status: str, error: str | None = None) -> None:
         self.m_requests.inc(tags={"product": tag, "status": status})
@@ -327,12 +336,42 @@ class Ingress:
             return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
         return body
 
-    @app.get("/v1/products", summary="every product with its state; loaded ones with version, bank, shards, threshold")
+    def _observe(self, info: dict[str, Any], settings: dict[str, Any], scores) -> None:
+        """Feed the product's drift window (a new version or threshold starts a new window)."""
+        try:
+            d = settings.get("drift") or {}
+            key = (info["sha"], info["threshold"], tuple(sorted(d.items())))
+            cur = self._drift.get(info["name"])
+            if cur is None or cur[0] != key:
+                ref = reference_scores({"normal_scores": info.get("normal_scores"), "score_stats": info["score_stats"]})
+                cur = (key, DriftWindow(ref, info["threshold"], **d))
+                self._drift[info["name"]] = cur
+            st = cur[1].add(scores)
+            tags = {"product": info["name"]}
+            for k, v in (("ks", st["ks"]), ("ks_pvalue", st["ks_pvalue"]), ("share_above", st["share_above"]),
+                         ("alarm", float(st["alarm"])), ("window_images", st["images"])):
+                if v is not None:
+                    self.m_drift[k].set(float(v), tags=tags)
+        except Exception as e:  # noqa: BLE001 - the watch must never fail a scored request
+            log.warning("drift watch for %r failed: %s", info.get("name"), e)
+
+    def _drift_view(self, name: str, info: dict[str, Any]) -> dict[str, Any] | None:
+        cur = self._drift.get(name)
+        if cur is None or cur[0][0] != info["sha"]:  # nothing scored on the published version yet
+            return None
+        w = cur[1]
+        return {**w.stats(), "trend": [list(t) for t in w.trend]}
+
+    @app.get("/v1/products", summary="every product with its state; loaded ones with version, bank, shards, threshold, "
+                                     "drift")
     async def products(self):
         snap = await self.snapshot()
         loaded = snap["products"]
+        for gone in set(self._drift) - set(loaded):
+            del self._drift[gone]
         return {"generation": snap["generation"],
-                "products": [_public(i) | {"state": "ready"} for i in loaded.values()],
+                "products": [_public(i) | {"state": "ready", "drift": self._drift_view(n, i),
+                                           "artifact_version": i.get("artifact_version")} for n, i in loaded.items()],
                 "states": [_state(n, st) for n, st in sorted(snap["states"].items())],
                 "errors": _errors(snap), "auth_required": bool(snap["settings"]["auth_sha256"])}
 
@@ -437,11 +476,13 @@ class Ingress:
         if info.get("runtime", "ray") != "ray":
             x = await loop.run_in_executor(self._pool, self._prepare_edge, info, settings, data)
             scored = await self._score_edge(info, x)
-            return self._finish_edge(info, [x], [scored], map_mode, threshold, settings)[0]
-        x = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
-        rows, grid = await self._embed(info, x)
-        out = await loop.run_in_executor(self._pool, self._finish, info, [x], [rows], grid, map_mode, threshold,
-                                         settings)
+            out = self._finish_edge(info, [x], [scored], map_mode, threshold, settings)
+        else:
+            x = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
+            rows, grid = await self._embed(info, x)
+            out = await loop.run_in_executor(self._pool, self._finish, info, [x], [rows], grid, map_mode, threshold,
+                                             settings)
+        self._observe(info, settings, [out[0]["score"]])
         return out[0]
 
     @app.post("/v1/products/{product}/score-batch",
@@ -491,9 +532,70 @@ class Ingress:
                                                          "retry it", {"Retry-After": "1"}) from e
         for i, r in zip(good, scored):
             results[i].update(r)
+        if scored:
+            self._observe(info, settings, [r["score"] for r in scored])
         self._count(tag, "200")
         return {"product": info["name"], "model_version": info["version"], "n": len(results),
                 "n_failed": len(results) - len(good), "results": results}
+
+    # -- operator feedback: the bank grows as a new artifact version (the Registry writes it) ---------
+    async def _writable(self, product: str, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+        info, settings = await self._product(product, request, None, None)  # name, auth, loaded
+        if info.get("runtime", "ray") != "ray":
+            raise ServeError(409, "feedback_unsupported", f"product {product!r} is served from an exported model; "
+                                                          "feedback and rollback need its artifact (runtime ray)")
+        return info, settings
+
+    @staticmethod
+    def _answer(res: dict[str, Any]) -> dict[str, Any]:
+        if "error" in res:
+            raise ServeError(res["status"], res["error"], res["detail"])
+        return res
+
+    @app.post("/v1/products/{product}/feedback",
+              summary="mark images as normal (multipart 'file' / 'files', or a raw body): the bank grows as a new "
+                      "version, served once loaded")
+    async def feedback(self, product: str, request: Request, verdict: str = "normal", force: bool = False):
+        """``verdict=normal`` only; ``force=true`` adds images scoring above refuse_factor × threshold.
+        Scoring goes on meanwhile (the new version is warmed before it is swapped in); feedback for
+        one product is applied one request at a time."""
+        tag = product if valid_product_name(product) else "_invalid"
+        try:
+            if verdict != "normal":
+                raise ServeError(400, "invalid_parameter", f"verdict must be 'normal' (an image checked as free of "
+                                                           f"defects), got {verdict!r}")
+            info, settings = await self._writable(product, request)
+            if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+                files = await read_uploads(request, settings["max_upload_bytes"], settings["max_batch_images"],
+                                           settings["body_timeout_s"])
+            else:
+                files = [("upload", await read_upload(request, settings["max_upload_bytes"], settings["body_timeout_s"]))]
+            files = [((Path(n).name.replace(":", "_")[:100] or f"upload-{i}"), d) for i, (n, d) in enumerate(files)]
+            res = self._answer(await self.registry.feedback.remote(product, files, bool(force)))
+        except ServeError as e:
+            self._count(tag if e.status != 404 else "_unknown", str(e.status), e.code)
+            raise
+        except ClientGone:
+            self._count(tag, "499", "client_disconnected")
+            return Response(status_code=499)
+        self._count(tag, "200")
+        await self.snapshot(force=True)
+        return res
+
+    @app.post("/v1/products/{product}/rollback", summary="make an earlier (or later) version of the product current")
+    async def rollback(self, product: str, request: Request, version: int):
+        if version < 1:
+            raise ServeError(400, "invalid_parameter", "version must be >= 1 (1 is the fitted artifact)")
+        await self._writable(product, request)
+        res = self._answer(await self.registry.rollback.remote(product, version))
+        await self.snapshot(force=True)
+        return res
+
+    @app.get("/v1/products/{product}/versions", summary="the product's artifact versions; which is current")
+    async def versions(self, product: str):
+        if not valid_product_name(product):
+            raise ServeError(400, "invalid_product", "product names are letters, digits, '_', '.', '-' (max 64)")
+        return self._answer(await self.registry.versions.remote(product))
 
     def _finish(self, info, xs, rows_list, grid, map_mode, threshold, settings) -> list[dict[str, Any]]:
         """Eq. 8/9 and the maps over the sharded bank for one or more images (one search fan-out) —
@@ -547,7 +649,9 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
     backbone = sized(Backbone, b).bind(b.max_batch_size, b.batch_wait_timeout_s, b.torch_threads)
     shard = sized(BankShard, s).bind()
     edge = sized(EdgeScorer, e).bind(e.max_batch_size, e.batch_wait_timeout_s, e.torch_threads)
-    registry = Registry.options(num_replicas=1, ray_actor_options={"num_cpus": cfg.registry.num_cpus}
+    # the registry also writes feedback versions: long calls must not starve the snapshot calls
+    registry = Registry.options(num_replicas=1, max_ongoing_requests=cfg.registry.max_ongoing_requests,
+                                ray_actor_options={"num_cpus": cfg.registry.num_cpus}
                                 ).bind(backbone, shard, args, overrides, edge)
     return Ingress.options(num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
                            ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(registry, backbone, shard, edge)

@@ -75,6 +75,19 @@ class SmallDeployment:
 
 
 @dataclass
+class DriftConfig:
+    """Drift watch (tocoad_ray/drift.py): per product, the last ``window`` scores against the
+    artifact's leave-one-out normal scores; alarm when, with at least ``min_images`` scores, the KS
+    shift or the share above threshold is significant at ``alpha``."""
+
+    window: int = 200
+    min_images: int = 30
+    alpha: float = 0.01
+    trend_every: int = 10  # one trend point per this many scores
+    trend_points: int = 60  # trend points kept per product
+
+
+@dataclass
 class ServeConfig:
     products: list[ProductConfig] = field(default_factory=list)
     artifacts_dir: str | None = None  # every subdirectory with a meta.json becomes a product
@@ -94,6 +107,7 @@ class ServeConfig:
     registry: SmallDeployment = field(default_factory=lambda: SmallDeployment(num_cpus=0.1))
     # products with runtime onnx / openvino; no replica until such a product is loaded
     edge: BackboneDeployment = field(default_factory=lambda: BackboneDeployment(min_replicas=0))
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +129,7 @@ def _build(cls, data: Any, where: str):
     for k, v in data.items():
         t = names[k].type
         sub = {"BackboneDeployment": BackboneDeployment, "ShardDeployment": ShardDeployment,
-               "SmallDeployment": SmallDeployment}.get(t if isinstance(t, str) else getattr(t, "__name__", ""))
+               "SmallDeployment": SmallDeployment, "DriftConfig": DriftConfig}.get(t if isinstance(t, str) else getattr(t, "__name__", ""))
         kw[k] = _build(sub, v, f"{where}.{k}") if sub else v
     return cls(**kw)
 
@@ -148,6 +162,11 @@ def from_dict(data: dict[str, Any] | None) -> ServeConfig:
         raise ConfigError("config.body_timeout_s must be > 0")
     if cfg.max_batch_images < 1:
         raise ConfigError("config.max_batch_images must be >= 1")
+    d = cfg.drift
+    if d.window < 1 or d.min_images < 1 or d.trend_every < 1 or d.trend_points < 1:
+        raise ConfigError("config.drift: window, min_images, trend_every and trend_points must be >= 1")
+    if not 0.0 < d.alpha < 1.0:
+        raise ConfigError(f"config.drift.alpha must be in (0, 1), got {d.alpha}")
     return cfg
 
 

@@ -1,7 +1,9 @@
 """Product registry: watches the config and each artifact's meta.json, publishes immutable snapshots.
 
 A product version is identified by the sha256 of its meta.json (which lists the sha256 of every
-other artifact file). When it changes, the new version's backbone and shards are loaded (warmed)
+other artifact file) in the folder of the artifact's current version (``current.json``, see
+``tocoad_ray.artifact_versions``; the artifact folder itself when it has no versions), so a new
+version written by feedback, or a rollback, is picked up like any other change. When it changes, the new version's backbone and shards are loaded (warmed)
 first and only then swapped into the published snapshot in one assignment: requests that already
 took the old snapshot finish on the old version's shards, which stay loaded until the replicas'
 LRU evicts them; a version that fails to load leaves the old one serving and is reported.
@@ -12,6 +14,7 @@ import asyncio
 import hashlib
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,13 @@ import numpy as np
 from ray import serve
 
 from tocoad_ray.artifact import read_meta
+from tocoad_ray.artifact_versions import current_dir, current_version
+from tocoad_ray.errors import ArtifactError, DataError
 
 from .backbone import backbone_id, load_patch_model, model_bundle
 from .edge import edge_model_id, files_sha, model_files
 from .config import ServeConfig, from_dict, read_yaml_args, resolve_products
-from .errors import load_failure_kind
+from .errors import from_data_error, load_failure_kind
 from .shards import meta_sha, read_bank, shard_bounds, shard_id
 
 log = logging.getLogger("ray.serve")
@@ -61,6 +66,7 @@ class Registry:
         self.generation = 0
         self.last_poll = 0.0
         self._poll_lock = threading.Lock()
+        self._write_locks: dict[str, threading.Lock] = {}  # per product: feedback / rollback one at a time
         self._stop = threading.Event()
         # known before the first load finishes: a product still loading answers 503, never 404
         for p in resolve_products(self.cfg):
@@ -111,7 +117,10 @@ class Registry:
                 self.states.setdefault(p.name, {"state": "loading", "since": time.time()})
                 try:
                     artifact = str(Path(p.artifact).resolve())
-                    if p.runtime == "ray":
+                    root, number = artifact, None
+                    if p.runtime == "ray":  # the current version's folder (immutable once written)
+                        number = current_version(root)
+                        artifact = str(current_dir(root))
                         sha, files = meta_sha(artifact), None
                     else:  # an exported model: its version is the sha256 of its files
                         files = model_files(artifact)
@@ -120,6 +129,7 @@ class Registry:
                     if name_key(new.get(p.name)) != key:
                         new[p.name] = (self._load(p.name, artifact, sha, p.shards, p.threshold) if files is None else
                                        self._load_edge(p.name, artifact, sha, files, p.threshold, p.runtime))
+                        new[p.name].update(artifact_root=root, artifact_version=number)
                         changed = True
                     self.states[p.name] = {"state": "ready", "since": new[p.name]["loaded_at"]}
                 except Exception as e:  # ``new`` keeps the published version, if any: it keeps serving
@@ -200,10 +210,90 @@ class Registry:
                 "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                 "map_array_size": cfg.map_array_size, "snapshot_ttl_s": cfg.snapshot_ttl_s,
                 "body_timeout_s": cfg.body_timeout_s, "poll_interval_s": cfg.poll_interval_s,
-                "max_batch_images": cfg.max_batch_images,
+                "max_batch_images": cfg.max_batch_images, "drift": asdict(cfg.drift),
                 "auth_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
             },
         }
+
+    # -- feedback, rollback, versions: written here (one replica) so a product's updates queue up
+    # behind one lock; the work runs on a thread, so snapshots (hence scoring) keep flowing
+    def _root(self, name: str) -> tuple[str | None, dict[str, Any] | None]:
+        for p in resolve_products(self.cfg):
+            if p.name == name:
+                if p.runtime != "ray":
+                    return None, {"status": 409, "error": "feedback_unsupported",
+                                  "detail": f"product {name!r} is served from an exported {p.runtime} model; feedback, "
+                                            "versions and rollback need its artifact folder (runtime ray)"}
+                return str(Path(p.artifact).resolve()), None
+        return None, {"status": 404, "error": "unknown_product", "detail": f"no product {name!r}; see GET /v1/products"}
+
+    def _published(self, name: str, number: int) -> dict[str, Any]:
+        info = self.products.get(name) or {}
+        st = self.states.get(name, {})
+        if info.get("artifact_version") == number:
+            return {"published": True, "model_version": info["version"]}
+        return {"published": False, "model_version": info.get("version"),
+                "update_error": (st.get("update_error") or {}).get("kind")}
+
+    def _write(self, name: str, fn) -> dict[str, Any]:
+        root, err = self._root(name)
+        if err:
+            return err
+        with self._write_locks.setdefault(name, threading.Lock()):
+            try:
+                res = fn(root)
+            except DataError as e:  # an unreadable image or a refusal: the client's to fix
+                from tocoad_ray.bank.feedback import FeedbackRefused
+
+                if isinstance(e, FeedbackRefused):
+                    return {"status": 409, "error": "feedback_refused", "detail": str(e), "refused": e.refused}
+                se = from_data_error(e, self.cfg.max_pixels)
+                name_part = str(e).split(":", 1)[0][:100]
+                return {"status": se.status, "error": se.code, "detail": f"{name_part}: {se.detail}"}
+            except ArtifactError as e:
+                if "has no version" in str(e):
+                    return {"status": 404, "error": "unknown_version",
+                            "detail": f"product {name!r} has no such version; see GET /v1/products/{name}/versions"}
+                log.warning("registry: update of %r failed: %s", name, e)
+                return {"status": 500, "error": "update_failed", "detail": "the product's artifact could not be "
+                                                                           "updated; the server log has the details"}
+            try:
+                self.poll_once()  # publish now (warm first, then swap), not at the next poll
+            except Exception as e:  # the poll thread retries; the version is written and current
+                log.warning("registry: publishing %r after its update failed: %s", name, e)
+        return {**res, "product": name, **self._published(name, res["version"])}
+
+    async def feedback(self, name: str, files: list, force: bool = False) -> dict[str, Any]:
+        """Add images marked normal to the product's bank as a new version and publish it."""
+        from tocoad_ray.bank.feedback import add_normal_images
+
+        return await asyncio.to_thread(self._write, name, lambda root: add_normal_images(
+            root, files, force=force, max_pixels=self.cfg.max_pixels))
+
+    async def rollback(self, name: str, version: int) -> dict[str, Any]:
+        from tocoad_ray.artifact_versions import rollback
+
+        return await asyncio.to_thread(self._write, name, lambda root: rollback(root, int(version)))
+
+    async def versions(self, name: str) -> dict[str, Any]:
+        from tocoad_ray.artifact_versions import list_versions, version_path
+
+        root, err = self._root(name)
+        if err:
+            return err
+
+        def rows():
+            out = []
+            for r in list_versions(root):
+                sha = meta_sha(version_path(root, r["version"]))
+                out.append({k: v for k, v in r.items() if k != "dir"} | {"model_version": sha[:12]})
+            return out
+
+        try:
+            return {"product": name, "versions": await asyncio.to_thread(rows)}
+        except ArtifactError as e:
+            log.warning("registry: versions of %r: %s", name, e)
+            return {"status": 503, "error": "product_unavailable", "detail": "the product's artifact cannot be read"}
 
     async def reload(self) -> dict[str, Any]:
         """Poll now (tests, operators) and return the new snapshot."""
@@ -227,6 +317,7 @@ def version_fields(name: str, artifact: str, sha: str, meta: dict[str, Any], thr
         "threshold": float(threshold) if threshold is not None else float(meta["threshold"]),
         "threshold_source": "config" if threshold is not None else "artifact",
         "artifact_threshold": float(meta["threshold"]), "score_stats": meta.get("score_stats", {}),
+        "normal_scores": meta.get("normal_scores"),  # the drift watch's reference
     }
 
 
