@@ -355,7 +355,7 @@ def test_service_drift_feedback_and_rollback(service, fitted):
     assert d["share_above"] == 1.0 and len(d["trend"]) == 4 and d["trend"][-1][3] == 1.0
     _wait(lambda: 'tocoad_drift_alarm{' in _metrics_text() and
           any(line.startswith("ray_tocoad_drift_alarm") and 'product="fb"' in line and line.rstrip().endswith(" 1.0")
-              for line in _metrics_text().splitlines()), 60)
+              for line in _metrics_text().splitlines()), 180)
     assert "ray_tocoad_drift_ks{" in _metrics_text() and "ray_tocoad_drift_share_above{" in _metrics_text()
 
     # feedback needs the token
@@ -365,7 +365,7 @@ def test_service_drift_feedback_and_rollback(service, fitted):
     v1 = product()["model_version"]
 
     # two feedbacks at once, scoring goes on meanwhile
-    answers, scored_during = {}, []
+    answers, scored_during, versions_scored = {}, [], []
 
     def send(i):
         answers[i] = c.post("/v1/products/fb/feedback?verdict=normal",
@@ -377,8 +377,9 @@ def test_service_drift_feedback_and_rollback(service, fitted):
     while any(t.is_alive() for t in threads):
         r = c.post("/v1/products/fb/score", content=good[0])
         assert r.status_code == 200, r.text
+        versions_scored.append(r.json()["model_version"])
         if any(t.is_alive() for t in threads):
-            scored_during.append(r.json()["score"])
+            scored_during.append(r.json()["model_version"])
     for t in threads:
         t.join()
     assert scored_during, "no image was scored while the feedback was being written"
@@ -392,7 +393,8 @@ def test_service_drift_feedback_and_rollback(service, fitted):
     assert sorted(a["name"] for v in listing for a in v["added"]) == ["dark0.png", "dark1.png"]
     p = product()
     assert p["model_version"] == latest["model_version"] != v1 and p["artifact_version"] == 3
-    assert p["drift"] is None  # a new version starts a new window
+    # a new version starts a new window: it holds only the scores made on that version
+    assert (p["drift"] or {"images": 0})["images"] == versions_scored.count(latest["model_version"])
     for i in (0, 1):
         body = c.post("/v1/products/fb/score", content=dark[i]).json()
         assert body["model_version"] == latest["model_version"] and body["score"] < body["threshold"]
