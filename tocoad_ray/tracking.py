@@ -144,6 +144,9 @@ class RunRef:
         if Path(path).is_file():
             client(self.uri).log_artifact(self.run_id, str(path), folder)
 
+    def set_tag(self, key: str, value: str) -> None:
+        client(self.uri).set_tag(self.run_id, key, value[:5000])
+
     def finish(self, status: str = "FINISHED") -> None:
         client(self.uri).set_terminated(self.run_id, status)
 

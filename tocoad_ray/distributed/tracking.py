@@ -80,6 +80,8 @@ class TrainAllTracking:
             r = report["categories"].get(cat, {})
             try:
                 run.log_artifact(out / "work" / cat / "losses.png")
+                if r.get("status") != "ok":
+                    run.set_tag("tocoad.error", str(r.get("error", "?")))
                 run.finish("FINISHED" if r.get("status") == "ok" else "FAILED")
             except Exception as e:  # noqa: BLE001
                 logger.warning("tracking: run of %s not closed: %s", cat, e)
