@@ -282,7 +282,7 @@ def service(fitted, tmp_path_factory):
     shutil.copytree(fitted["art"], art)
     cfg = base / "service.yaml"
     cfg.write_text(yaml.safe_dump({
-        "products": [{"name": "fb", "artifact": str(art), "shards": 2}],
+        "products": [{"name": "fb", "artifact": str(art), "shards": 1}],
         "poll_interval_s": 0.5, "snapshot_ttl_s": 0.2, "auth_token": "tok",
         "drift": {"window": 10, "min_images": 10, "alpha": 0.01, "trend_every": 5},
         "backbone": {"num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1, "max_batch_size": 4},

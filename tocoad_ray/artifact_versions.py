@@ -149,6 +149,8 @@ def artifact_lock(artifact: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> It
     threads and processes; released by the kernel if the holder dies."""
     import fcntl
 
+    if not (Path(artifact) / "meta.json").is_file():
+        raise ArtifactError(f"{artifact} is not an artifact folder (no meta.json)")
     p = Path(artifact) / LOCK
     try:
         fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
