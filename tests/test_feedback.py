@@ -412,3 +412,45 @@ def test_service_drift_feedback_and_rollback(service, fitted):
     assert body["model_version"] == v1 and body["score"] == pytest.approx(dark_scores[0], rel=1e-6)
     r = c.post("/v1/products/fb/rollback?version=9")
     assert r.status_code == 404 and r.json()["error"] == "unknown_version"
+
+
+def test_page_marks_a_flagged_image_normal(service, fitted, tmp_path):
+    """In headless Chromium: a flagged (darkened) bottle gets a 'mark as normal' button; after the
+    click it is scored again by the new version, as normal; the drift line shows for the product."""
+    from .test_serve import CHROMEDRIVER, CHROMIUM
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    img = tmp_path / "dark-bottle.png"
+    img.write_bytes(fitted["dark"][2])
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+              "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        drv.set_page_load_timeout(60)
+        drv.get(service["url"] + "/")
+        wait = WebDriverWait(drv, 180)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#product option"))
+        wait.until(lambda d: d.find_element(By.ID, "token").is_displayed())
+        drv.find_element(By.ID, "token").send_keys("tok")
+        drv.find_element(By.ID, "file").send_keys(str(img))
+        drv.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "verdict").text == "ANOMALOUS")
+        button = drv.find_element(By.CSS_SELECTOR, "#results td button.fb")
+        assert button.text == "mark as normal" and drv.find_element(By.ID, "markNormal").is_displayed()
+        button.click()
+        wait.until(lambda d: "added: version" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: d.find_element(By.ID, "verdict").text == "normal")
+        assert not drv.find_elements(By.CSS_SELECTOR, "#results td button.fb")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#drift .drift-product[data-product=fb] canvas"))
+    finally:
+        drv.quit()
+    listing = service["client"].get("/v1/products/fb/versions").json()["versions"]
+    assert [v["added"][0]["name"] for v in listing if v["current"]] == ["dark-bottle.png"]
