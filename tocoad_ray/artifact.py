@@ -12,6 +12,8 @@ Layout::
 
 Every file is written to a temporary name and moved into place with ``os.replace``; meta.json
 goes last, so a crash leaves either the old artifact or a checksum mismatch, never a silent mix.
+Operator feedback adds later versions beside this one (``versions/``, ``current.json``; see
+``artifact_versions``); this folder stays version 1, and readers load ``current_dir(folder)``.
 Nothing is unpickled: arrays are safetensors, metadata JSON/YAML.
 """
 from __future__ import annotations
