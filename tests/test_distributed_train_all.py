@@ -21,6 +21,7 @@ from tocoad_ray.config import ConfigError
 from tocoad_ray.data import list_categories
 
 from .ray_fixtures import TINY, corrupt_category, ray_local, tiny_cfg, tiny_data  # noqa: F401 - fixtures
+from .test_tracking import assert_rerun_reused, assert_train_all_tracked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def test_main_job_defaults_parse():
 
 def test_train_all_concurrent_categories_report_and_rerun(ray_local, data_root, tmp_path, capsys):  # noqa: F811
     root = corrupt_category(tiny_data(data_root, tmp_path / "data"))
-    cfg = tiny_cfg(**{"distributed.num_workers": 2})
+    cfg = tiny_cfg(**{"distributed.num_workers": 2, "tracking.enabled": True})
     out = tmp_path / "run"
     lines: list[str] = []
     report = run(cfg, str(root), ["bottle", "metal_plate", "broken"], out, interval_s=2, echo=lines.append)
@@ -68,6 +69,7 @@ def test_train_all_concurrent_categories_report_and_rerun(ray_local, data_root, 
     md = (out / "report.md").read_text()
     assert "patchcore (frozen F, same run)" in md and "| broken | **failed** |" in md
     assert json.loads((out / "report.json").read_text())["config"]["distributed"]["num_workers"] == 2
+    runs = assert_train_all_tracked(out, report, ["bottle", "metal_plate"], job_status="FAILED")  # MLflow
 
     # the same command again: finished categories are skipped, not retrained
     t = time.perf_counter()
@@ -75,6 +77,7 @@ def test_train_all_concurrent_categories_report_and_rerun(ray_local, data_root, 
     assert all(again["categories"][c].get("skipped") for c in ("bottle", "metal_plate"))
     assert again["categories"]["bottle"]["metrics"] == cats["bottle"]["metrics"]
     assert time.perf_counter() - t < 60
+    assert_rerun_reused(out, runs, ["bottle", "metal_plate"])
 
 
 def _registered_epoch(snapshot: Path) -> int:

@@ -1,4 +1,5 @@
-"""Run tracking in MLflow: a tiny ``train-all`` and a tiny ``tune`` on a local Ray instance write
+"""Run tracking in MLflow: a tiny ``train-all`` (run by tests/test_distributed_train_all.py with
+tracking on, checked by the helpers here) and a tiny ``tune`` on a local Ray instance write
 a file store that mlflow's own client reads back: one experiment per output folder, the job's
 run, one nested run per category / trial with its config, per-epoch stage losses, validation
 scores, final metrics and files; a resumed train-all logs into the runs it started."""
@@ -46,22 +47,20 @@ def test_off_by_default_fingerprint_and_missing_mlflow(monkeypatch, tmp_path):
         require_mlflow()
 
 
-def test_train_all_logs_categories_epochs_metrics_and_report(ray_local, tiny_root, tmp_path):  # noqa: F811
-    from jobs.train_all import run
-
-    cfg = tiny_cfg(**{"distributed.num_workers": 1, "stage1.max_steps_per_epoch": 1, "tracking.enabled": True})
-    out = tmp_path / "run"
-    report = run(cfg, str(tiny_root), ["bottle"], out, interval_s=1, echo=lambda m: None)
+def assert_train_all_tracked(out: Path, report: dict, cats: list[str], job_status: str = "FINISHED") -> list:
+    """The MLflow store of a tracked train-all run (tests/test_distributed_train_all.py runs it with
+    tracking on): the job's run, one nested run per category with its config, per-epoch losses of
+    both stages, final metrics and files. Returns the runs."""
     uri = (out / "mlruns").resolve().as_uri()
     c, exp, runs = _runs(uri, f"train-all {out.resolve()}")
     parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "job"]
     children = {r.data.tags.get(TAG_CATEGORY): r for r in runs if r.data.tags.get(TAG_ROLE) == "child"}
-    assert len(parents) == 1 and set(children) == {"bottle"}
+    assert len(parents) == 1 and set(cats) <= set(children)
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.params["method"] == "tocoad"
+    assert parent.info.status == job_status and parent.data.params["method"] == "tocoad"
     assert {"report.md", "report.json", "config.yaml"} <= _artifacts(c, parent.info.run_id)
-    for cat, r in children.items():
-        res = report["categories"][cat]
+    for cat in cats:
+        r, res = children[cat], report["categories"][cat]
         assert r.data.tags[TAG_PARENT] == parent.info.run_id and r.info.status == "FINISHED"
         # params: the config the category ran with, as --set keys
         assert r.data.params["stage1.epochs"] == "2" and r.data.params["data.image_size"] == "64"
@@ -78,12 +77,16 @@ def test_train_all_logs_categories_epochs_metrics_and_report(ray_local, tiny_roo
         assert r.data.metrics["baseline/image_auroc"] == pytest.approx(res["baseline"]["image_auroc"])
         assert {"losses.png", "result.json", "train_log.jsonl"} <= _artifacts(c, r.info.run_id)
 
-    # the same command again: the category is skipped, its run reused (not duplicated) and closed
-    again = run(cfg, str(tiny_root), ["bottle"], out, interval_s=1, echo=lambda m: None)
-    assert again["categories"]["bottle"].get("skipped")
-    _, _, runs2 = _runs(uri, f"train-all {out.resolve()}")
+    return runs
+
+
+def assert_rerun_reused(out: Path, runs: list, cats: list[str]) -> None:
+    """A re-run of the same train-all logs into the runs it already created (not duplicates) and
+    closes them: the job's run and those of ``cats`` end FINISHED."""
+    _, _, runs2 = _runs((out / "mlruns").resolve().as_uri(), f"train-all {out.resolve()}")
     assert {r.info.run_id for r in runs2} == {r.info.run_id for r in runs}
-    assert all(r.info.status == "FINISHED" for r in runs2)
+    assert all(r.info.status == "FINISHED" for r in runs2
+               if r.data.tags.get(TAG_ROLE) == "job" or r.data.tags.get(TAG_CATEGORY) in cats)
 
 
 def test_tune_trials_appear_as_runs(ray_local, tiny_root, tmp_path):  # noqa: F811
