@@ -26,12 +26,12 @@ def add_parser(sub) -> None:
     a.set_defaults(func=run_add)
 
     v = A.add_command(bs, "versions", "list the artifact's versions (which one is current, what each added)")
-    v.add_argument("--artifact", required=True, metavar="DIR")
+    v.add_argument("--artifact", required=True, metavar="DIR", help="artifact folder written by fit or train-all")
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
     v.set_defaults(func=run_versions)
 
     r = A.add_command(bs, "rollback", "make an earlier (or later) version current again")
-    r.add_argument("--artifact", required=True, metavar="DIR")
+    r.add_argument("--artifact", required=True, metavar="DIR", help="artifact folder written by fit or train-all")
     r.add_argument("--version", required=True, metavar="V", help="version number (1 = the fit), e.g. 2 or v2")
     r.set_defaults(func=run_rollback)
 
