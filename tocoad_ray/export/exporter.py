@@ -32,6 +32,7 @@ from .model_meta import EXPORT_FORMAT, FORMATS, INPUT_NAME, META_KEY, OPSET, OUT
 
 def build_graph(artifact: str | Path, chunk: int = 8192) -> tuple[ScoringGraph, dict[str, Any]]:
     """The artifact's scoring graph (verified like ``load_detector``) and the model metadata."""
+    from ..artifact_versions import current_dir, current_version
     from ..pipeline import load_detector
 
     artifact = Path(artifact)
@@ -47,7 +48,8 @@ def build_graph(artifact: str | Path, chunk: int = 8192) -> tuple[ScoringGraph, 
     meta = {
         "format": EXPORT_FORMAT,
         "artifact_format": m["format"],
-        "artifact_sha256": sha256_file(artifact / "meta.json"),
+        "artifact_sha256": sha256_file(current_dir(artifact) / "meta.json"),  # the version exported
+        "artifact_version": current_version(artifact),
         "version": __version__,
         "method": m["method"],
         "category": m.get("category"),
