@@ -417,24 +417,15 @@ def test_service_drift_feedback_and_rollback(service, fitted):
 def test_page_marks_a_flagged_image_normal(service, fitted, tmp_path):
     """In headless Chromium: a flagged (darkened) bottle gets a 'mark as normal' button; after the
     click it is scored again by the new version, as normal; the drift line shows for the product."""
-    from .test_serve import CHROMEDRIVER, CHROMIUM
-
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from .browser import headless_chrome
 
     img = tmp_path / "dark-bottle.png"
     img.write_bytes(fitted["dark"][2])
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-              "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
+    drv = headless_chrome(tmp_path / "chrome-profile", 1280, 1400)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
-        drv.set_page_load_timeout(60)
         drv.get(service["url"] + "/")
         wait = WebDriverWait(drv, 180)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#product option"))

@@ -611,30 +611,21 @@ def test_auth_token(service, tiny, reference):
 
 
 # ---------------------------------------------------------------- the web page in a real browser
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def test_web_page_in_headless_chromium(service, reference, tiny, tmp_path):
     """One image (score, verdict, heatmap, legend), then a batch of 10 (table, histogram, slider that
     re-colours verdicts without scoring again). Screenshots go to $TOCOAD_SCREENSHOTS (docs/serving.md)."""
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
     from ray import serve
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    from .browser import headless_chrome
+
     shots = Path(os.environ.get("TOCOAD_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--window-size=1280,1500", f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
+    drv = headless_chrome(tmp_path / "chrome-profile", 1280, 1500)
     try:
-        drv.set_page_load_timeout(60)
         drv.get(service["url"] + "/")
         wait = WebDriverWait(drv, 120)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#product option")) >= 3)

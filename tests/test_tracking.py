@@ -9,13 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tocoad_ray.config import ConfigError, load_config
 from tocoad_ray.distributed.category import category_fingerprint
-from tocoad_ray.tracking import TAG_CATEGORY, TAG_PARENT, TAG_ROLE, TAG_TRIAL, client, require_mlflow, tracking_uri
+from tocoad_ray.tracking import (
+    TAG_CATEGORY,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_TRIAL,
+    client,
+    require_mlflow,
+    tracking_uri,
+)
 
 from .ray_fixtures import TINY, ray_local, tiny_cfg, tiny_root  # noqa: F401 - fixtures
+from .test_distributed_tune import _search_file
 
 
 def _runs(uri: str, experiment: str):
@@ -95,16 +103,9 @@ def test_tune_trials_appear_as_runs(ray_local, tiny_root, tmp_path):  # noqa: F8
 
     base = {**TINY, "method": "patchcore", "bank.coreset_ratio": 0.1, "distributed.category_memory_gb": 1.0,
             "distributed.baseline": False, "tracking.enabled": True}
-    data: dict = {}
-    for dotted, v in base.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    data["search"] = {"num_samples": 2, "max_concurrent_trials": 2, "validation": {"fraction": 0.3, "min_images": 2},
-                      "space": {"bank.num_neighbors": {"choice": [1, 3]}}}
-    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(data))
+    _search_file(tmp_path / "plan.yaml", base, {
+        "num_samples": 2, "max_concurrent_trials": 2, "validation": {"fraction": 0.3, "min_images": 2},
+        "space": {"bank.num_neighbors": {"choice": [1, 3]}}})
     out = tmp_path / "tune"
     report = tune.run(load_plan(tmp_path / "plan.yaml"), str(tiny_root), ["bottle"], out, echo=lambda m: None)
     c, exp, runs = _runs((out / "mlruns").resolve().as_uri(), f"tune {out.resolve()}")
