@@ -37,7 +37,7 @@ def test_validation_generator_is_never_a_training_generator():
 
 @pytest.fixture(scope="module")
 def bottle_val(data_root):
-    cfg = load_config(None, {"data.image_size": 96, "data.crop_size": 80})
+    cfg = load_config(None, {"method": "patchcore", "data.image_size": 96, "data.crop_size": 80})
     paths = [s.path for s in load_split(data_root / "mvtec_ad", "bottle").train][:12]
     ex = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers)
     pre = Preprocess(cfg.data, ex.mean, ex.std)
@@ -82,7 +82,8 @@ def test_score_validation_separates_real_features(bottle_val, tmp_path, data_roo
 
     mvtec_subset(data_root / "mvtec_ad" / "bottle", root, 8, {"good": 1})
     art = tmp_path / "art"
-    fit(load_config(None, {"data.image_size": 96, "data.crop_size": 80, "bank.coreset_ratio": 1.0}), root, "bottle",
+    fit(load_config(None, {"method": "patchcore", "data.image_size": 96, "data.crop_size": 80, "bank.coreset_ratio": 1.0}),
+        root, "bottle",
         art, progress=False, log=lambda m: None)
     full = score_validation(load_detector(art), vs)
     assert full["val_image_auroc"] > 0.7
