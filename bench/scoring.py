@@ -39,7 +39,7 @@ SEARCHES = {"exact": {"search": "exact"}, "ivf": {"search": "ivf"},
 
 
 def _old_maps(s_prime_grid: np.ndarray, size: int, sigma: float) -> np.ndarray:
-    """The pixel map as before this change (torchvision's 2-D convolution blur), for the baseline row."""
+    """The pixel map by the earlier path (torchvision's 2-D convolution blur), for the baseline row."""
     import torch.nn.functional as Fn
     from torchvision.transforms.functional import gaussian_blur
 
@@ -133,7 +133,7 @@ def bench_category(data: Path, cat: str, out: Path, batches: list[int], repeats:
                                           for _, s in scored], n_t, repeats)
             entry["options"][kind] = {"search_ms": search_ms, "eq9_ms": eq9_ms, "map_ms": map_ms,
                                       "total_ms": decode_ms + backbone_ms + search_ms + eq9_ms + map_ms}
-            if kind == "exact":  # today's path before this change: eager F, exact search, 2-D conv blur
+            if kind == "exact":  # the earlier path: eager F, exact search, 2-D conv blur
                 old_map_ms = _median_ms(lambda: [_old_maps(s.reshape(-1, h, w), images.shape[-1],
                                                            cfg.bank.blur_sigma) for _, s in scored], n_t, repeats)
                 entry["options"]["baseline"] = {"search_ms": search_ms, "eq9_ms": eq9_ms, "map_ms": old_map_ms,
