@@ -18,6 +18,7 @@ TINY = {
     "stage1.epochs": 2, "stage1.batch_size": 4, "stage1.max_steps_per_epoch": 2,
     "stage2.epochs": 2, "stage2.batch_size": 4, "stage2.max_steps_per_epoch": 1,
     "bank.batch_size": 4, "distributed.cpus_per_worker": 0.5, "distributed.data_cpus": 0.5,
+    "distributed.feature_actors": 0,  # the bank's features in the category task: no actor to start
 }
 
 

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.multinode,
 
 # 2 categories × (driver 1 + 2 DDP workers × (0.5 + 1 data task × 0.5)) = 6 CPUs at once
 # stage I in 4 one-step epochs: a node can be killed between its checkpoints
-CLUSTER_SETS = {**TINY, "stage1.epochs": 4, "stage1.max_steps_per_epoch": 1, "distributed.num_workers": 2,
+CLUSTER_SETS = {**TINY, "distributed.feature_actors": 1, "stage1.epochs": 4, "stage1.max_steps_per_epoch": 1, "distributed.num_workers": 2,
                 "distributed.data_tasks": 1, "distributed.category_memory_gb": 1.0, "distributed.max_failures": 2}
 
 
@@ -348,6 +348,9 @@ def test_tune_across_nodes_survives_losing_a_trials_node(cluster, shared_data, t
     code, log = finish(tocoad(cluster, "tune", "--data", str(shared_data), "--categories", "metal_plate",
                               "--plan", str(search), "--out", str(single), address=False))
     assert code == 0, log
+    one = next(r for r in json.loads((single / "report.json").read_text())["trials"] if r["trial"] != "default")
+    assert one["reports"] == CLUSTER_SETS["stage1.epochs"] + CLUSTER_SETS["stage2.epochs"] + 1, \
+        "one report per epoch of each stage (two TorchTrainer runs in one trial) + the final full-bank score"
 
     out = cluster.shared / "tune"
     p = tocoad(cluster, "tune", "--data", str(shared_data), "--categories", "metal_plate", "--plan", str(search),

@@ -103,11 +103,6 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_loca
                       "distributed.max_failures": 1})
     store, n, spec = _stage1_inputs(cfg, tiny_root)
     straight = run_stage(cfg, 1, "bottle", store, n, spec, str(tmp_path / "a"))
-    again = run_stage(cfg, 1, "bottle", store, n, spec, str(tmp_path / "b"))
-    # two runs with the same seed (2 DDP workers) give the same weights and metrics
-    for k, v in straight.state["model"].items():
-        assert torch.equal(v, again.state["model"][k]), k
-    assert [h["losses"] for h in straight.history] == [h["losses"] for h in again.history]
     assert straight.attempts_resumed == [0]
 
     done, killed = threading.Event(), []
@@ -121,8 +116,10 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_loca
     assert killed, "no worker was killed"
     assert [h["epoch"] for h in crashed.history] == list(range(1, 16))
     assert max(crashed.attempts_resumed) >= 1, "the replacement workers did not resume from a checkpoint"
+    # the same seed with 2 DDP workers is deterministic, and a resumed run ends where the straight one does
     for k, v in straight.state["model"].items():
         assert torch.equal(v, crashed.state["model"][k]), f"{k}: resumed run ended elsewhere than the straight run"
+    assert [h["losses"] for h in straight.history] == [h["losses"] for h in crashed.history]
 
 
 @pytest.mark.parametrize("method", ["patchcore", "reconpatch"])

@@ -1,4 +1,6 @@
-"""``tocoad tune`` on a local Ray instance: tiny searches on real images (64 px, 1-2 steps)."""
+"""``tocoad tune`` on a local Ray instance: tiny searches on real images (64 px, 1-2 steps). The
+searches train stage II only (one TorchTrainer per trial); a trial that runs both stages reports
+every epoch of each (``test_cluster.py``'s tune test)."""
 from __future__ import annotations
 
 import json
@@ -39,7 +41,7 @@ def ray_local():  # noqa: F811
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {**TINY, "distributed.num_workers": 1, "distributed.data_tasks": 1, "distributed.category_memory_gb": 1.0,
-        "distributed.baseline": False, "bank.coreset_ratio": 0.1, "stage1.max_steps_per_epoch": 1}
+        "distributed.baseline": False, "bank.coreset_ratio": 0.1, "stage1.enabled": False}
 SEARCH = {"num_samples": 2, "max_concurrent_trials": 2,
           "validation": {"fraction": 0.3, "min_images": 2},
           "space": {"stage2.lam": {"uniform": [0.2, 0.8]}, "stage2.lr": {"loguniform": [1e-3, 1e-2]}}}
@@ -86,7 +88,7 @@ def test_search_never_reads_the_test_set_then_selects_and_reports(ray_local, dat
     assert finished and all(r["error"] is None for r in rows)
     for r in finished:
         assert 0.0 <= r["validation"]["val_score"] <= 1.0
-        assert r["reports"] == 2 + 2 + 1, "one report per epoch of each stage + the final full-bank score"
+        assert r["reports"] == 2 + 1, "one report per epoch + the final full-bank score"
         result = json.loads((Path(r["run"]) / "work" / r["category"] / "result.json").read_text())
         assert result["validation"]["generator"] == "nsa" and "n_test" not in result["metrics"]
         assert result["n_train"] == 4  # 2 of the 6 training images held out
@@ -102,7 +104,14 @@ def test_search_never_reads_the_test_set_then_selects_and_reports(ray_local, dat
     for cat in ("bottle", "metal_plate"):
         entry = report["categories"][cat]
         best, default = entry["best"], entry["default"]
-        assert best["validation"][metric] >= default["validation"][metric]
+        # best: the highest validation score among the finished trials and the default, as each
+        # run wrote it to its own result.json (a tie keeps the default)
+        scored = [default] + [r for r in report["trials"] if r["category"] == cat and r["status"] == "finished"]
+        saved = {r["run"]: json.loads((Path(r["run"]) / "work" / cat / "result.json").read_text())["metrics"][metric]
+                 for r in scored}
+        top = max(saved.values())
+        assert saved[best["run"]] == top == best["validation"][metric]
+        assert saved[default["run"]] < top or best["trial"] == "default"
         for x in (best, default):
             assert 0.0 <= x["test"]["image_auroc"] <= 1.0 and x["test"]["n_test"] == 4
         chosen = load_config(entry["best_yaml"])
@@ -150,8 +159,8 @@ def test_interrupted_search_resumes(ray_local, data_root, tmp_path):  # noqa: F8
 
     root = tiny_data(data_root, tmp_path / "data")
     out = tmp_path / "tune"
-    base = {**BASE, "stage1.epochs": 1, "stage2.epochs": 1}
-    search = _search_file(tmp_path / "search.yaml", base, {**SEARCH, "num_samples": 3, "max_concurrent_trials": 1,
+    base = {**BASE, "stage2.epochs": 1}
+    search = _search_file(tmp_path / "search.yaml", base, {**SEARCH, "num_samples": 2, "max_concurrent_trials": 1,
                                                            "asha": {"enabled": False}})  # every trial runs to its end
     args = ["tune", "--data", str(root), "--categories", "bottle", "--out", str(out), "--plan", str(search)]
     cmd = [sys.executable, "-m", "jobs.tune", *args[1:], "--address", ray.get_runtime_context().gcs_address]
@@ -172,13 +181,13 @@ def test_interrupted_search_resumes(ray_local, data_root, tmp_path):  # noqa: F8
         proc.wait()
     first = done[0]
     stamp = first.stat().st_mtime_ns
-    assert len(list((out / "runs").glob("*/work/bottle/result.json"))) < 3
+    assert len(list((out / "runs").glob("*/work/bottle/result.json"))) < 2
 
     messages: list[str] = []
     plan = tune.plan_from_args(build_parser().parse_args(args))
     report = tune.run(plan, str(root), ["bottle"], out, echo=messages.append)
     assert any("resuming the search" in m for m in messages)
     trials = [r for r in report["trials"] if r["trial"] != "default"]
-    assert len(trials) == 3 and all(r["status"] == "finished" for r in trials)
+    assert len(trials) == 2 and all(r["status"] == "finished" for r in trials)
     assert first.stat().st_mtime_ns == stamp, "the trial finished before the interruption was trained again"
     assert report["categories"]["bottle"]["best"]["test"]["n_test"] == 4

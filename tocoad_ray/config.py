@@ -276,7 +276,9 @@ class DistributedConfig:
     gpus_per_worker: float = 1.0  # GPUs per training worker when use_gpu
     data_cpus: float = 0.5  # CPUs per Ray Data task that makes G's samples / view pairs
     data_tasks: int = 2  # such tasks at once per training worker (G runs beside the training step)
-    feature_actors: int = 1  # actor pool size for the bank's feature extraction
+    # actor pool size for the bank's feature extraction; 0: in the category's own task (no actor
+    # to start: faster for a few dozen images, and the bank then needs no other process)
+    feature_actors: int = 1
     driver_cpus: float = 1.0  # per-category driver: coreset, statistics, evaluation
     max_failures: int = 2  # dead workers replaced, training resumed from the last checkpoint
     storage_path: str | None = None  # checkpoints; shared storage on a multi-node cluster (default OUT/ray)
@@ -304,8 +306,9 @@ class DistributedConfig:
             raise ConfigError(f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         if self.data_tasks < 1:
             raise ConfigError(f"distributed.data_tasks must be >= 1, got {self.data_tasks}")
-        if self.feature_actors < 1:
-            raise ConfigError(f"distributed.feature_actors must be >= 1, got {self.feature_actors}")
+        if self.feature_actors < 0:
+            raise ConfigError(f"distributed.feature_actors must be >= 0 (0: in the category's task), "
+                              f"got {self.feature_actors}")
         if self.max_failures < -1:
             raise ConfigError(f"distributed.max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
         if self.category_memory_gb < 0:

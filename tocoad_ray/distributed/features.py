@@ -43,7 +43,10 @@ class PatchEmbedder:
 
 def extract_features(paths: Sequence[str | Path], cfg: Config, weights: str, actors: int = 1, use_gpu: bool = False,
                      cpus: float = 1.0) -> tuple[np.ndarray, tuple[int, int]]:
-    """All patch rows of ``paths`` (image-major: image i's rows are [i·h·w, (i+1)·h·w)) and (h, w)."""
+    """All patch rows of ``paths`` (image-major: image i's rows are [i·h·w, (i+1)·h·w)) and (h, w).
+    ``actors`` 0: the same ``PatchEmbedder`` in this process, batch by batch."""
+    if actors == 0:
+        return _extract_here(paths, cfg, weights, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -67,3 +70,13 @@ def extract_features(paths: Sequence[str | Path], cfg: Config, weights: str, act
     if missing:
         raise RuntimeError(f"feature rows of {len(missing)} images are missing (first: {paths[missing[0]]})")
     return np.concatenate([parts[i] for i in range(n)]).astype(np.float32, copy=False), grid
+
+
+def _extract_here(paths: Sequence[str | Path], cfg: Config, weights: str, device: str) -> tuple[np.ndarray, tuple[int, int]]:
+    embed = PatchEmbedder(cfg.to_dict(), weights, device)
+    parts, grid, bs = [], None, cfg.bank.batch_size
+    for i in range(0, len(paths), bs):
+        out = embed({"row": np.arange(i, min(i + bs, len(paths))), "path": np.array([str(p) for p in paths[i:i + bs]])})
+        parts.append(out["features"].reshape(-1, out["features"].shape[-1]))
+        grid = (int(out["h"][0]), int(out["w"][0]))
+    return np.concatenate(parts).astype(np.float32, copy=False), grid

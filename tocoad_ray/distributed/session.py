@@ -12,6 +12,7 @@ import re
 import sys
 from typing import TextIO
 
+LOCAL_TRAIN_POLL_S = "0.25"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # lines the Ray driver prints for the raylet and the autoscaler: "(raylet) ...", "(autoscaler +3s) ..."
 _RAY_SYSTEM_LINE = re.compile(r"^\((raylet|autoscaler)\b")
@@ -80,5 +81,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, *, dashboar
     if address:
         ray.init(address=address, log_to_driver=logs, logging_level=level)
         return address
+    # Ray Train's controller polls its workers every 2 s by default, which adds up to 2 s to each
+    # start and end of every stage; on one machine a faster poll costs next to nothing
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=logs, logging_level=level)
     return "local"
