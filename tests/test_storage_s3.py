@@ -21,7 +21,10 @@ KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS
 @pytest.fixture(scope="module")
 def s3_server():
     port = free_port()
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    # the server of the environment running the tests (another install on PATH may not speak the
+    # S3 dialect of this environment's pyarrow)
+    beside = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    exe = beside if os.path.exists(beside) else shutil.which("moto_server")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     saved = {k: os.environ.get(k) for k in KEYS}
