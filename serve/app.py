@@ -119,6 +119,16 @@ def _state(name: str, st: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def is_ready(states: list[str], mode: str = "healthy") -> bool:
+    """Readiness from the products' states: strict needs every product ready; healthy needs none
+    still loading and at least one ready (no products: ready, there is nothing to wait for)."""
+    if not states:
+        return True
+    if mode == "strict":
+        return all(s == "ready" for s in states)
+    return "loading" not in states and "ready" in states
+
+
 def _errors(snap: dict[str, Any]) -> dict[str, dict[str, str]]:
     out = {n: {"kind": st["kind"], "message": st.get("message") or st["update_error"]["message"]}
            for n, st in snap["states"].items() if st.get("kind")}
@@ -325,13 +335,15 @@ class Ingress:
         return {"status": "ok", "ready": all(s["state"] == "ready" for s in states.values()),
                 "products": len(snap["products"]), "generation": snap["generation"], "version": __version__}
 
-    @app.get("/readyz", summary="readiness: 200 when every configured product can be scored, else 503")
+    @app.get("/readyz", summary="readiness: 200 when the healthy products can be scored (config "
+                                "readiness: healthy, the default) or when every product can (strict), else 503")
     async def readyz(self):
         snap = await self.snapshot(force=True)
         states = [_state(n, st) for n, st in sorted(snap["states"].items())]
-        waiting = [s for s in states if s["state"] != "ready"]
-        body = {"status": "not_ready" if waiting else "ready", "products": states}
-        if waiting:
+        mode = snap["settings"].get("readiness", "healthy")
+        ready = is_ready([s["state"] for s in states], mode)
+        body = {"status": "ready" if ready else "not_ready", "mode": mode, "products": states}
+        if not ready:
             retry = str(max(1, int(np.ceil(snap["settings"]["poll_interval_s"]))))
             return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
         return body
@@ -638,11 +650,13 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
     """The Serve application: Ingress → (Registry, Backbone, BankShard, EdgeScorer), sized from the config."""
     args, overrides = dict(args or {}), dict(overrides or {})
     cfg = effective_config(args, overrides)
+    logs = {"enable_access_log": bool(cfg.access_log)}
+
     def sized(deployment, d):  # autoscaling and resources of one deployment, from its config section
         return deployment.options(
             autoscaling_config={"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
                                 "target_ongoing_requests": d.target_ongoing_requests},
-            max_ongoing_requests=d.max_ongoing_requests,
+            max_ongoing_requests=d.max_ongoing_requests, logging_config=logs,
             ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus})
 
     b, s, e = cfg.backbone, cfg.shards, cfg.edge
@@ -651,10 +665,10 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
     edge = sized(EdgeScorer, e).bind(e.max_batch_size, e.batch_wait_timeout_s, e.torch_threads)
     # the registry also writes feedback versions: long calls must not starve the snapshot calls
     registry = Registry.options(num_replicas=1, max_ongoing_requests=cfg.registry.max_ongoing_requests,
-                                ray_actor_options={"num_cpus": cfg.registry.num_cpus}
+                                logging_config=logs, ray_actor_options={"num_cpus": cfg.registry.num_cpus}
                                 ).bind(backbone, shard, args, overrides, edge)
     return Ingress.options(num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(registry, backbone, shard, edge)
+                           logging_config=logs, ray_actor_options={"num_cpus": cfg.ingress.num_cpus}).bind(registry, backbone, shard, edge)
 
 
 def build(args: dict[str, Any]):

@@ -31,6 +31,7 @@ def valid_product_name(name: str) -> bool:
 
 
 RUNTIMES = ("ray", "onnx", "openvino")
+READINESS = ("healthy", "strict")
 
 
 @dataclass
@@ -108,6 +109,14 @@ class ServeConfig:
     # products with runtime onnx / openvino; no replica until such a product is loaded
     edge: BackboneDeployment = field(default_factory=lambda: BackboneDeployment(min_replicas=0))
     drift: DriftConfig = field(default_factory=DriftConfig)
+    # /readyz: "healthy" (200 once every product has finished loading, ready or not, and at least
+    # one can be scored; a broken product stays in the listing and metrics but does not take a
+    # working server out of a load balancer's rotation) or "strict" (200 only when every product
+    # can be scored)
+    readiness: str = "healthy"
+    # Ray Serve's per-request access log ("CALL ... OK", three lines per scored image); errors are
+    # logged either way, one line each with the request id
+    access_log: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +165,8 @@ def from_dict(data: dict[str, Any] | None) -> ServeConfig:
         cfg.products.append(pc)
     if cfg.default_shards < 1:
         raise ConfigError("config.default_shards must be >= 1")
+    if cfg.readiness not in READINESS:
+        raise ConfigError(f"config.readiness must be one of {', '.join(READINESS)}, got {cfg.readiness!r}")
     if cfg.poll_interval_s <= 0:
         raise ConfigError("config.poll_interval_s must be > 0")
     if cfg.body_timeout_s <= 0:

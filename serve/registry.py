@@ -66,6 +66,7 @@ class Registry:
         self.generation = 0
         self.last_poll = 0.0
         self._poll_lock = threading.Lock()
+        self._last_failure: dict[str, tuple[str, str] | str] = {}  # what was last logged, per product
         self._write_locks: dict[str, threading.Lock] = {}  # per product: feedback / rollback one at a time
         self._stop = threading.Event()
         # known before the first load finishes: a product still loading answers 503, never 404
@@ -81,16 +82,21 @@ class Registry:
             try:
                 self.poll_once()
             except Exception as e:  # keep polling; shown (without internals) in the listing
-                log.warning("registry: config error: %s: %s", type(e).__name__, e)
+                if self.config_error is None or self._last_failure.get("") != str(e):
+                    log.warning("registry: config error: %s: %s", type(e).__name__, e)
+                    self._last_failure[""] = str(e)
                 self.config_error = {"kind": "invalid_config", "message": "the service config cannot be read: "
                                      "the server log has the details", "since": time.time()}
             self._stop.wait(self.cfg.poll_interval_s)
 
     def _fail(self, name: str, e: BaseException) -> None:
         kind, message = load_failure_kind(e)
-        log.warning("registry: product %r failed to load (%s): %s: %s", name, kind, type(e).__name__, e)
         loaded = name in self.products
         prev = self.states.get(name, {})
+        # once per change of state: a product that stays broken is retried every poll, silently
+        if self._last_failure.get(name) != (kind, str(e)):
+            self._last_failure[name] = (kind, str(e))
+            log.warning("registry: product %r failed to load (%s): %s: %s", name, kind, type(e).__name__, e)
         since = prev.get("since") if prev.get("kind") == kind else time.time()
         if loaded:
             self.states[name] = {**prev, "state": "ready", "update_error": {"kind": kind, "message": message},
@@ -132,6 +138,8 @@ class Registry:
                         new[p.name].update(artifact_root=root, artifact_version=number)
                         changed = True
                     self.states[p.name] = {"state": "ready", "since": new[p.name]["loaded_at"]}
+                    if self._last_failure.pop(p.name, None) is not None:
+                        log.warning("registry: product %r loads again (version %s)", p.name, sha[:12])
                 except Exception as e:  # ``new`` keeps the published version, if any: it keeps serving
                     self._fail(p.name, e)
             if changed:
@@ -210,7 +218,7 @@ class Registry:
                 "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
                 "map_array_size": cfg.map_array_size, "snapshot_ttl_s": cfg.snapshot_ttl_s,
                 "body_timeout_s": cfg.body_timeout_s, "poll_interval_s": cfg.poll_interval_s,
-                "max_batch_images": cfg.max_batch_images, "drift": asdict(cfg.drift),
+                "max_batch_images": cfg.max_batch_images, "drift": asdict(cfg.drift), "readiness": cfg.readiness,
                 "auth_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
             },
         }

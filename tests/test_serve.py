@@ -460,13 +460,23 @@ def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_vers
     def state(name):
         return {s["product"]: s for s in c.get("/v1/products").json()["states"]}.get(name)
 
-    # a product that never loads: unavailable with the kind of failure, readiness fails, 503 not 404
+    # a product that never loads: unavailable with the kind of failure, 503 not 404; the service
+    # stays ready for the healthy products (default), or not ready when readiness is strict
     broken = live / "broken"
     _place(tiny["a"], broken, corrupt=True)
     _wait(lambda: (state("broken") or {}).get("state") == "unavailable")
     assert state("broken")["reason"]["kind"] == "corrupt_artifact"
     r = c.get("/readyz")
-    assert r.status_code == 503 and "broken" in r.text
+    assert r.status_code == 200 and r.json()["mode"] == "healthy", r.text
+    assert {s["product"]: s["state"] for s in r.json()["products"]}["broken"] == "unavailable"
+    _write_config(service["config"], tiny, readiness="strict")
+    _wait(lambda: c.get("/readyz").status_code == 503)
+    assert c.get("/readyz").json()["mode"] == "strict" and "broken" in c.get("/readyz").text
+    _write_config(service["config"], tiny)
+    _wait(lambda: c.get("/readyz").status_code == 200)
+    # retried on every poll (0.5 s), logged once
+    time.sleep(2.0)
+    assert len(_serve_log_lines("'broken' failed to load")) == 1
     r = c.post("/v1/products/broken/score", content=img)
     assert r.status_code == 503 and r.json()["error"] == "product_unavailable" and r.headers["retry-after"]
     _no_internals(r.text, "product_unavailable")
@@ -509,6 +519,27 @@ def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_vers
     assert c.get("/readyz").status_code == 200  # still scoreable: ready, with the rejected update shown
     shutil.rmtree(kp)
     _wait(lambda: state("kp") is None)
+
+
+def _serve_log_lines(needle: str) -> list[str]:
+    """Lines of this Ray session's Serve logs (controller, proxy, every replica) holding ``needle``."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return [line for f in logs.glob("*.log") for line in f.read_text(errors="replace").splitlines() if needle in line]
+
+
+def test_scoring_logs_nothing_per_request_by_default(service, reference):
+    """No access log by default: the scored requests' ids appear in no Serve log line."""
+    c = service["client"]
+    img = Path(reference["paths"][0]).read_bytes()
+    ids = []
+    for _ in range(5):
+        r = c.post("/v1/products/b1/score", content=img)
+        assert r.status_code == 200
+        ids.append(r.headers["x-request-id"])
+    time.sleep(1.0)  # replica logs are flushed line by line; give the files a moment
+    assert not [line for rid in ids for line in _serve_log_lines(rid)]
 
 
 def test_ivf_sq8_shards_score_like_the_exact_search(service, reference, tiny):
