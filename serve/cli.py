@@ -8,6 +8,12 @@ import threading
 from typing import Any
 
 
+def proxy_logging(cfg) -> dict:
+    """``serve.start``'s logging: the proxies' access log (a line per request) follows the service's
+    ``access_log`` setting, as the replicas' does (``build_app``)."""
+    return {"enable_access_log": bool(cfg.access_log)}
+
+
 def add_parser(subparsers) -> None:
     from tocoad_ray.commands import args as A
 
@@ -76,7 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     try:
         serve.start(proxy_location="HeadOnly" if args.proxy == "head" else "EveryNode",
-                    http_options={"host": args.host, "port": args.port})
+                    http_options={"host": args.host, "port": args.port},
+                    logging_config=proxy_logging(effective_config({}, overrides)))
         serve.run(build_app({}, overrides), name="tocoad", route_prefix="/")
         print(f"serving on http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C to stop", flush=True)
         stop = threading.Event()
