@@ -26,6 +26,7 @@ from tocoad_ray.train import train_tocoad
 from .ray_fixtures import ray_local, tiny_cfg, tiny_root  # noqa: F401 - fixtures
 
 
+@pytest.mark.slow
 def test_one_worker_equals_single_process_and_evaluate_agrees(ray_local, tiny_root, tmp_path, capsys):  # noqa: F811
     cfg = tiny_cfg(**{"distributed.num_workers": 1, "distributed.cpus_per_worker": 1.0})
     res = train_category(cfg, tiny_root, "bottle", tmp_path / "run", tmp_path / "run" / "ray")
@@ -98,6 +99,7 @@ def _train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_local, tiny_root, tmp_path):  # noqa: F811
     cfg = tiny_cfg(**{"stage1.epochs": 15, "stage1.max_steps_per_epoch": 1, "distributed.num_workers": 2,
                       "distributed.max_failures": 1})

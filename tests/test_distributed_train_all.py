@@ -36,6 +36,7 @@ def test_main_job_defaults_parse():
         config_from_args(build_parser().parse_args(["train-all", "--set", "distributed.num_workers=0"]))
 
 
+@pytest.mark.slow
 def test_train_all_concurrent_categories_report_and_rerun(ray_local, data_root, tmp_path, capsys):  # noqa: F811
     root = corrupt_category(tiny_data(data_root, tmp_path / "data"))
     cfg = tiny_cfg(**{"distributed.num_workers": 2, "tracking.enabled": True})
@@ -88,6 +89,7 @@ def _registered_epoch(snapshot: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_interrupted_train_all_resumes(ray_local, data_root, tmp_path):  # noqa: F811
     """Kill the job (SIGKILL) once the first category is done and the second has a stage-I
     checkpoint; the same command then skips the first and resumes the second's checkpoint."""
@@ -105,7 +107,7 @@ def test_interrupted_train_all_resumes(ray_local, data_root, tmp_path):  # noqa:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             first_done = (out / "work" / "bottle" / "result.json").is_file()
             second_ckpt = [p for p in (out / "ray").glob("metal_plate-stage1-*/checkpoint_manager_snapshot.json")
