@@ -105,7 +105,7 @@ def test_epoch_dataset_rejects_a_batch_that_does_not_split(setup):
         epoch_dataset(setup["store"], len(setup["paths"]), spec, 0, 0, 3)
 
 
-@pytest.mark.parametrize("actors", [1, 2])
+@pytest.mark.parametrize("actors", [0, 1, 2])  # 0: in this process (feature_actors: 0)
 def test_bank_features_equal_single_process(setup, actors):
     cfg = setup["cfg"]
     split = load_split(setup["root"], "bottle", "mvtec")
