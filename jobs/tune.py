@@ -200,7 +200,12 @@ def _trial_rows(grid, plan: SearchPlan, out: Path) -> list[dict[str, Any]]:
         metrics = r.metrics or {}
         try:
             df = r.metrics_dataframe
-            n_reports = int(len(df)) if df is not None else 0
+            n_reports = 0
+            if df is not None and len(df):
+                # a trial that finished just before the search was killed replays its final report
+                # on resume (its run is reused, not retrained): count that report once
+                finals = df["final"].fillna(False).astype(bool) if "final" in df else None
+                n_reports = int(len(df)) if finals is None else int((~finals).sum()) + int(finals.any())
         except Exception:  # noqa: BLE001
             n_reports = 0
         final = bool(metrics.get("final"))
