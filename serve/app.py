@@ -15,6 +15,7 @@ import hmac
 import logging
 import time
 import uuid
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -655,7 +656,7 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
     def sized(deployment, d):  # autoscaling and resources of one deployment, from its config section
         return deployment.options(
             autoscaling_config={"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
-                                "target_ongoing_requests": d.target_ongoing_requests},
+                                "target_ongoing_requests": d.target_ongoing_requests, **asdict(d.autoscaling)},
             max_ongoing_requests=d.max_ongoing_requests, logging_config=logs,
             ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus})
 

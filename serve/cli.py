@@ -69,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
     # the replicas' own lines stay on the console: errors are logged there with their request id
-    connect(address, args.num_cpus, verbose=args.verbose, worker_logs=True)
+    # with the dashboard, `serve status` and the Ray dashboard's Serve page work on a local Ray too
+    connect(address, args.num_cpus, dashboard=True, verbose=args.verbose, worker_logs=True)
     if address:
         from tocoad_ray.distributed.storage import StorageError, check_cluster
 

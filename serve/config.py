@@ -46,16 +46,32 @@ class ProductConfig:
 
 
 @dataclass
+class Autoscaling:
+    """How fast a deployment follows scoring traffic (Ray Serve's autoscaling_config). Ray's
+    defaults (30 s before a scale-up, 10 min before a scale-down, 30 s averaging window) suit
+    long-lived traffic; scoring load arrives in bursts (a line starts, a shift ends), so a replica
+    is added after a few seconds of queueing and removed after a minute of quiet."""
+
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+    look_back_period_s: float = 10.0  # the window the ongoing-request average is taken over
+    metrics_interval_s: float = 2.0  # how often replicas report their queue
+
+
+@dataclass
 class BackboneDeployment:
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 4
     max_ongoing_requests: int = 32
-    num_cpus: float = 1.0
+    # a fraction, so a second replica fits next to the others on a small node; on a GPU node,
+    # num_gpus decides the packing (cluster.yaml's gpu_worker: 8 CPU, 1 GPU)
+    num_cpus: float = 0.5
     num_gpus: float = 0.0
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
     torch_threads: int = 0  # 0: leave torch's default
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
 
 
 @dataclass
@@ -66,6 +82,7 @@ class ShardDeployment:
     max_ongoing_requests: int = 64
     num_cpus: float = 0.25
     num_gpus: float = 0.0
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
 
 
 @dataclass
@@ -138,7 +155,7 @@ def _build(cls, data: Any, where: str):
     for k, v in data.items():
         t = names[k].type
         sub = {"BackboneDeployment": BackboneDeployment, "ShardDeployment": ShardDeployment,
-               "SmallDeployment": SmallDeployment, "DriftConfig": DriftConfig}.get(t if isinstance(t, str) else getattr(t, "__name__", ""))
+               "SmallDeployment": SmallDeployment, "DriftConfig": DriftConfig, "Autoscaling": Autoscaling}.get(t if isinstance(t, str) else getattr(t, "__name__", ""))
         kw[k] = _build(sub, v, f"{where}.{k}") if sub else v
     return cls(**kw)
 
@@ -173,6 +190,14 @@ def from_dict(data: dict[str, Any] | None) -> ServeConfig:
         raise ConfigError("config.body_timeout_s must be > 0")
     if cfg.max_batch_images < 1:
         raise ConfigError("config.max_batch_images must be >= 1")
+    for name in ("backbone", "shards", "edge"):
+        dep = getattr(cfg, name)
+        if not 0 <= dep.min_replicas <= dep.max_replicas or dep.max_replicas < 1:
+            raise ConfigError(f"config.{name}: need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        a = dep.autoscaling
+        if min(a.upscale_delay_s, a.downscale_delay_s) < 0 or min(a.look_back_period_s, a.metrics_interval_s) <= 0:
+            raise ConfigError(f"config.{name}.autoscaling: delays must be >= 0 and look_back_period_s, "
+                              f"metrics_interval_s > 0")
     d = cfg.drift
     if d.window < 1 or d.min_images < 1 or d.trend_every < 1 or d.trend_points < 1:
         raise ConfigError("config.drift: window, min_images, trend_every and trend_points must be >= 1")

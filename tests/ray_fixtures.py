@@ -3,7 +3,12 @@ modules) and small real-data category trees for the distributed tests."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ import pytest
 from tocoad_ray.config import load_config
 
 from ._subset import mvtec_subset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # tiny ToCoAD: 64 px, batch 4, 2 epochs of 1-2 steps per stage: seconds per step on 2 CPUs
 TINY = {
@@ -78,3 +85,22 @@ def tiny_root(data_root, tmp_path_factory) -> Path:
 
 def images_equal(a, b) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def kill_when(cmd: list[str], ready: Callable[[], bool], what: str, deadline_s: float = 900) -> None:
+    """Run a job (``python -m jobs.X ...``) in a subprocess and SIGKILL it as soon as ``ready()``
+    holds; fails if the job ends first or ``what`` never happens within ``deadline_s``."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            assert proc.poll() is None, f"{cmd[0]} ended before {what}"
+            time.sleep(0.2)
+        pytest.fail(f"{what} never happened")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -22,7 +22,7 @@ from tocoad_ray.patch_model import PatchModel
 from tocoad_ray.pipeline import _loader, extract
 from tocoad_ray.synth import AnomalyGenerator
 from tocoad_ray.train.images import prepare_images
-from tocoad_ray.train.schedule import STAGE_IDS, iter_batches
+from tocoad_ray.train.schedule import iter_batches
 from tocoad_ray.train.stage1 import make_stage1_batch
 from tocoad_ray.train.stage2 import make_stage2_batch
 from tocoad_ray.train.views import view_augment

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tocoad_ray.cli import main as cli_main
-from tocoad_ray.data import Preprocess, load_split
+from tocoad_ray.data import load_split
 from tocoad_ray.distributed.category import train_category
 from tocoad_ray.distributed.samples import SampleSpec, decode_images, image_store
 from tocoad_ray.distributed.stages import run_stage

@@ -4,10 +4,6 @@ to ``tocoad evaluate``, and a re-run that skips finished categories and resumes 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,10 +16,9 @@ from tocoad_ray.cli import main as cli_main
 from tocoad_ray.config import ConfigError
 from tocoad_ray.data import list_categories
 
-from .ray_fixtures import TINY, corrupt_category, ray_local, tiny_cfg, tiny_data  # noqa: F401 - fixtures
+from .ray_fixtures import TINY, corrupt_category, kill_when, ray_local, tiny_cfg, tiny_data  # noqa: F401 - fixtures
 from .test_tracking import assert_rerun_reused, assert_train_all_tracked
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_main_job_defaults_parse():
@@ -100,27 +95,16 @@ def test_interrupted_train_all_resumes(ray_local, data_root, tmp_path):  # noqa:
     sets = [f"{k}={json.dumps(v) if v is not None else 'null'}" for k, v in TINY.items()]
     sets += ["stage1.epochs=6", "stage1.max_steps_per_epoch=1", "distributed.max_concurrent_categories=1",
              "distributed.num_workers=1"]
-    cmd = [sys.executable, "-m", "jobs.train_all", "--data", str(root), "--categories", "bottle,metal_plate",
+    cmd = ["jobs.train_all", "--data", str(root), "--categories", "bottle,metal_plate",
            "--out", str(out), "--interval", "1", "--address", ray.get_runtime_context().gcs_address]
     for s in sets:
         cmd += ["--set", s]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            first_done = (out / "work" / "bottle" / "result.json").is_file()
-            second_ckpt = [p for p in (out / "ray").glob("metal_plate-stage1-*/checkpoint_manager_snapshot.json")
-                           if _registered_epoch(p) >= 1]
-            if first_done and second_ckpt:
-                break
-            assert proc.poll() is None, "train-all ended before it could be interrupted"
-            time.sleep(0.2)
-        else:
-            pytest.fail("train-all never reached the point to interrupt")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+
+    def interrupt_point() -> bool:  # the first category done, the second with a stage-I checkpoint
+        return (out / "work" / "bottle" / "result.json").is_file() and any(
+            _registered_epoch(p) >= 1 for p in (out / "ray").glob("metal_plate-stage1-*/checkpoint_manager_snapshot.json"))
+
+    kill_when(cmd, interrupt_point, "the interrupt point (bottle done, metal_plate's stage-I checkpoint)")
     first = json.loads((out / "work" / "bottle" / "result.json").read_text())
     assert not (out / "work" / "metal_plate" / "result.json").exists()
 

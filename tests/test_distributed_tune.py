@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ from tocoad_ray.config import ConfigError, load_config
 from tocoad_ray.data import DataError
 from tocoad_ray.search_space import apply, load_plan
 
-from .ray_fixtures import TINY, tiny_data
+from .ray_fixtures import TINY, kill_when, tiny_data
 
 
 
@@ -39,7 +35,6 @@ def ray_local():  # noqa: F811
     finally:
         ray.shutdown()
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {**TINY, "distributed.num_workers": 1, "distributed.data_tasks": 1, "distributed.category_memory_gb": 1.0,
         "distributed.baseline": False, "bank.coreset_ratio": 0.1, "stage1.enabled": False}
 SEARCH = {"num_samples": 2, "max_concurrent_trials": 2,
@@ -86,22 +81,9 @@ def test_interrupted_search_reads_no_test_file_resumes_then_selects_and_reports(
     saved = _unreadable_tests(root)
     assert saved
     args = ["tune", "--data", str(root), "--categories", "bottle,metal_plate", "--out", str(out), "--plan", str(search)]
-    cmd = [sys.executable, "-m", "jobs.tune", *args[1:], "--address", ray.get_runtime_context().gcs_address]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, RAY_AUTH_MODE="disabled"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            done = list((out / "runs").glob("*/work/*/result.json"))
-            if done:
-                break
-            assert proc.poll() is None, "tocoad tune ended before it could be interrupted"
-            time.sleep(0.2)
-        else:
-            pytest.fail("the first trial never finished")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    cmd = ["jobs.tune", *args[1:], "--address", ray.get_runtime_context().gcs_address]
+    kill_when(cmd, lambda: bool(list((out / "runs").glob("*/work/*/result.json"))), "a trial finished")
+    done = list((out / "runs").glob("*/work/*/result.json"))
     first = done[0]
     stamp = first.stat().st_mtime_ns
     assert len(list((out / "runs").glob("*/work/*/result.json"))) < 4
