@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timing-images", type=int, default=64, help="test images per timing run")
-    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--nprobe", type=int, default=16, help="IVF cells probed (the bank.ivf_nprobe default)")
     ap.add_argument("--options", default=",".join(SEARCHES),
                     help="search options (exact is always run: the reference); the 8-bit flat scan is slow on big banks")
     ap.add_argument("--out", default="runs/bench_scoring")

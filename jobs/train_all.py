@@ -136,7 +136,8 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
                 r = results[cat]
                 line = (f"{cat}: FAILED {r['error']}" if r["status"] != "ok" else
                         f"{cat}: done" + (" (finished earlier, skipped)" if r.get("skipped") else "")
-                        + f", image AUROC {r['metrics'].get('image_auroc', float('nan')):.3f}")
+                        + f", image AUROC {r['metrics'].get('image_auroc', float('nan')):.3f}"
+                        + (f", shipped {r['selection']['shipped']}" if r.get("selection") else ""))
             elif cat in snap:
                 line = format_line(cat, snap[cat])
             else:

@@ -135,3 +135,61 @@ def test_patchcore_and_reconpatch_go_through_the_same_driver(ray_local, tiny_roo
     assert (res["baseline"] is None) == (method == "patchcore")
     meta = json.loads((art / "meta.json").read_text())
     assert meta["n_train_images"] == 6 and meta["bank_size"] > 0
+
+
+def test_stage_two_keeps_the_best_validating_epoch(ray_local, tiny_root, tmp_path):  # noqa: F811
+    """With a validator, stage II returns F of the epoch that scored best (the first on ties), not
+    the last one; the objective here is real and cheap: closeness of F to its pretrained weights,
+    which training moves away from."""
+    cfg = tiny_cfg(**{"stage2.epochs": 3, "distributed.num_workers": 1})
+    paths = [s.path for s in load_split(tiny_root, "bottle", "mvtec").train]
+    ex = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, cfg.backbone.weights)
+    store = image_store(decode_images(paths, cfg, ex.mean, ex.std), len(paths))
+
+    class Closeness:  # defined here: cloudpickle ships it by value to the Ray Train worker
+        def __init__(self, ref):
+            self.ref = ref
+
+        def __call__(self, extractor):
+            sd = extractor.body.state_dict()
+            return {"val_score": -sum(float((sd[k].double() - v.double()).pow(2).sum()) for k, v in self.ref.items())}
+
+    closeness = Closeness({k: v.clone() for k, v in ex.body.state_dict().items()})
+    res = run_stage(cfg, 2, "bottle", store, len(paths), SampleSpec.build(cfg, 2, ex.mean, ex.std, with_generator=False),
+                    str(tmp_path / "ray"), validator=closeness)
+    scores = [h["val_score"] for h in res.history]
+    assert len(scores) == 3 and res.best_epoch == 1 + scores.index(max(scores))
+    assert [h["best_epoch"] for h in res.history][-1] == res.best_epoch
+    # the weights handed back are the ones that scored best ...
+    kept = {k[2:]: v for k, v in res.state["model"].items() if k.startswith("F.")}
+    ex.body.load_state_dict(kept)
+    assert closeness(ex)["val_score"] == pytest.approx(max(scores), rel=1e-9)
+    # ... and not the last epoch's, which the run's last checkpoint holds
+    assert res.best_epoch < 3
+    last = load_file(str(next((tmp_path / "ray").glob("*/checkpoint_*/model_e0003.safetensors"))))
+    assert any(not torch.equal(v, last["F." + k]) for k, v in kept.items())
+
+
+@pytest.mark.slow
+def test_train_all_ships_the_baseline_when_fine_tuning_validates_worse(ray_local, tiny_root, tmp_path):  # noqa: F811
+    """``distributed.select: validation``: F fine-tuned at a learning rate that wrecks it loses the
+    validation contest to frozen-F PatchCore on held-out images, so the category ships PatchCore,
+    built on every training image; the fine-tuned F's test metrics are still reported."""
+    cfg = tiny_cfg(**{"distributed.select": "validation", "distributed.select_fraction": 0.3,
+                      "distributed.select_min_images": 2, "distributed.num_workers": 1, "stage2.lr": 5.0})
+    res = train_category(cfg, tiny_root, "bottle", tmp_path / "run", tmp_path / "run" / "ray")
+    sel = res["selection"]
+    assert sel["mode"] == "validation" and sel["n_held_out"] == 2 and sel["n_validation"] == 4
+    val = {m: sel["validation"][m]["val_score"] for m in ("tocoad", "patchcore")}
+    assert val["patchcore"] > val["tocoad"] and sel["shipped"] == "patchcore" and "validates better" in sel["reason"]
+    art = Path(res["artifact"])
+    meta = json.loads((art / "meta.json").read_text())
+    assert meta["config"]["method"] == "patchcore" and not (art / "backbone.safetensors").exists()
+    assert meta["n_train_images"] == 6  # the held-out images join the shipped bank
+    assert res["baseline"] == res["metrics"]
+    tuned = Path(res["finetuned"]["artifact"])
+    assert json.loads((tuned / "meta.json").read_text())["config"]["method"] == "tocoad"
+    assert 0.0 <= res["finetuned"]["image_auroc"] <= 1.0
+    # F trained without the held-out images, and was validated after every epoch
+    assert any("training F on 4" in m for m in res["messages"])
+    assert len(res["histories"]["stage2"]) == 2 and all("val_score" in h for h in res["histories"]["stage2"])

@@ -55,25 +55,41 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def _val(r: dict[str, Any], method: str) -> str:
+    sel = r.get("selection") or {}
+    v = (sel.get("validation") or {}).get(method, {}).get("val_score")
+    return _num(v, "{:.4f}")
+
+
 def markdown_report(report: dict[str, Any]) -> str:
-    """The per-category table: each method row next to its frozen-F PatchCore baseline."""
-    head = ["category", "model", *(n for _, n in METRICS), "Δ image AUROC", *(n for _, n in TIMES), "workers"]
+    """The per-category table: the fine-tuned model next to its frozen-F PatchCore baseline, each
+    with its validation score (``distributed.select``) and which of them the category ships."""
+    head = ["category", "model", *(n for _, n in METRICS), "Δ image AUROC", "validation score", "shipped",
+            *(n for _, n in TIMES), "workers"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
     for cat in report["order"]:
         r = report["categories"][cat]
         if r["status"] != "ok":
             lines.append(f"| {cat} | **failed** | {r['error']} |" + " |" * (len(head) - 3))
             continue
-        m, b, t = r["metrics"], r.get("baseline"), r.get("timings", {})
+        sel = r.get("selection") or {}
+        shipped = sel.get("shipped", r["method"])
+        b, t = r.get("baseline"), r.get("timings", {})
+        m = r.get("finetuned") or r["metrics"] if shipped == "patchcore" else r["metrics"]
         delta = (m.get("image_auroc") - b.get("image_auroc")) if b and isinstance(m.get("image_auroc"), float) \
             and isinstance(b.get("image_auroc"), float) else None
         name = r["method"] + (" (earlier run)" if r.get("skipped") else "")
+        mark = lambda method: "**yes**" if shipped == method else ("no" if sel else "")  # noqa: E731
         lines.append("| " + " | ".join([cat, name, *(_num(m.get(k)) for k, _ in METRICS), _num(delta, "{:+.3f}"),
+                                         _val(r, r["method"]), mark(r["method"]),
                                          *(_num(t.get(k), "{:.1f}") for k, _ in TIMES), str(r.get("workers", ""))]) + " |")
         if b:
             lines.append("| " + " | ".join([cat, "patchcore (frozen F, same run)", *(_num(b.get(k)) for k, _ in METRICS),
-                                             "", "", "", _num(b.get("bank_build_s"), "{:.1f}"), "", _num(t.get("baseline_s"), "{:.1f}"),
+                                             "", _val(r, "patchcore"), mark("patchcore"), "", "",
+                                             _num(b.get("bank_build_s"), "{:.1f}"), "", _num(t.get("baseline_s"), "{:.1f}"),
                                              ""]) + " |")
+        if sel.get("reason"):
+            lines.append(f"| {cat} | *{sel['reason']}* |" + " |" * (len(head) - 2))
     return "\n".join(lines) + "\n"
 
 
@@ -90,10 +106,12 @@ def write_run_report(out: Path, cfg: Config, results: dict[str, dict[str, Any]],
                 plots[cat] = str(p.relative_to(out))
     report = {"order": order, "categories": {c: results[c] for c in order if c in results}, "wall_s": wall_s,
               "cluster": cluster, "config": cfg.to_dict(), "plots": plots}
-    md = [f"# train-all report\n", f"Wall time {wall_s:.1f} s on Ray ({cluster.get('address')}, "
+    md = ["# train-all report\n", f"Wall time {wall_s:.1f} s on Ray ({cluster.get('address')}, "
           f"{cluster.get('resources')}); method `{cfg.method}`, {cfg.distributed.num_workers} DDP workers per stage, "
           f"seed {cfg.seed}. Each method row stands next to the frozen-F PatchCore bank built in the same run "
-          f"(Δ = method − PatchCore).\n", markdown_report(report)]
+          f"(Δ = method − PatchCore); test metrics of both, and which one the category ships "
+          f"(`distributed.select: {cfg.distributed.select}`: the better validation score on held-out normal images "
+          f"and synthetic anomalies, never the test set).\n", markdown_report(report)]
     for cat, p in plots.items():
         md.append(f"\n![{cat} losses]({p})\n")
     md.append("\n## Config\n\n```yaml\n" + cfg.to_yaml() + "```\n")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..artifact import ArtifactError, atomic_save_tensors, atomic_write_bytes, read_meta
-from ..config import Config, replace
+from ..config import Config, ConfigError, replace
 from ..data import DataError, Preprocess, load_split
 from ..digest import digest
 from ..models.backbone import FeatureExtractor
@@ -108,16 +108,18 @@ def _stage(cfg: Config, stage: int, category: str, work: Path, store, n: int, sp
             and int(pointer["epoch"]) == scfg.epochs:
         state, meta = load_checkpoint(sdir)
         log(f"{name}: finished before ({scfg.epochs} epochs), reused")
-        return {"state": state, "history": meta.get("history", []), "seconds": 0.0, "reused": True}
+        return {"state": state, "history": meta.get("history", []), "seconds": 0.0, "reused": True,
+                "best_epoch": meta.get("best_epoch")}
     report_progress(board, category, stage=name, epoch=0, epochs=scfg.epochs)
     res = run_stage(cfg, stage, category, store, n, spec, storage, discriminator_state=discriminator, progress=board,
                     salt=d_sha, validator=validator, callbacks=callbacks)
     save_checkpoint(sdir, res.state, {"stage": name, "fingerprint": fp, "discriminator": d_sha,
-                                      "history": res.history, "run": res.run_name})
+                                      "history": res.history, "run": res.run_name, "best_epoch": res.best_epoch})
     log(f"{name}: {len(res.history)} epochs in {res.seconds:.1f}s on {res.workers} workers"
-        + (f" (resumed after epoch {max(res.attempts_resumed)})" if max(res.attempts_resumed, default=0) else ""))
+        + (f" (resumed after epoch {max(res.attempts_resumed)})" if max(res.attempts_resumed, default=0) else "")
+        + (f"; keeping epoch {res.best_epoch} (best validation score)" if res.best_epoch is not None else ""))
     return {"state": res.state, "history": res.history, "seconds": res.seconds, "reused": False,
-            "resumed_from": res.attempts_resumed}
+            "resumed_from": res.attempts_resumed, "best_epoch": res.best_epoch}
 
 
 def _state_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -206,6 +208,46 @@ def _validation_data(cfg: Config, plan: dict, paths: list[Path], mean, std) -> t
     return fit, vset, QuickValidator(cfg, quick, vset)
 
 
+def _selects(cfg: Config) -> bool:
+    """Whether the category chooses between fine-tuned F and the frozen-F baseline (``distributed.select``)."""
+    return (cfg.method == "tocoad" and cfg.stage2.enabled and cfg.distributed.baseline
+            and cfg.distributed.select == "validation")
+
+
+def _selection_plan(cfg: Config) -> dict[str, Any]:
+    d = cfg.distributed
+    vcfg = ValidationConfig(fraction=d.select_fraction, min_images=d.select_min_images,
+                            max_images=max(ValidationConfig.max_images, d.select_min_images))
+    return {**asdict(vcfg), "generator": resolve_generator(vcfg, [cfg.generator.kind])}
+
+
+def _select(cfg: Config, body: dict[str, torch.Tensor], folder: Path, category: str, data_root: str | Path,
+            paths: list[Path], vset: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fine-tuned F against frozen F on the validation objective (``validation.score_validation``):
+    a bank of each over the images F trained on, scored on the held-out normal images and G_val's
+    anomalies made from them. The baseline wins ties: fine-tuning must earn its place."""
+    from ..pipeline import load_detector
+
+    scores = {}
+    for method in ("tocoad", "patchcore"):
+        c, d = replace(cfg, method=method), folder / method
+        files: dict[str, str] = {}
+        weights = cfg.backbone.weights
+        if method == "tocoad":
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_save_tensors(d / "backbone.safetensors", body)
+            files["backbone.safetensors"], weights = "", str(d / "backbone.safetensors")
+        _bank(c, d, category, data_root, paths, weights, files, {}, time.perf_counter(), folder, lambda m: None)
+        scores[method] = score_validation(load_detector(d), vset)
+    shipped = "tocoad" if scores["tocoad"]["val_score"] > scores["patchcore"]["val_score"] else "patchcore"
+    t, b = scores["tocoad"]["val_score"], scores["patchcore"]["val_score"]
+    reason = (f"fine-tuned F validates better ({t:.4f} vs {b:.4f}, Δ {t - b:+.4g})" if shipped == "tocoad" else
+              f"frozen-F PatchCore validates {'better' if b > t else 'as well'} ({b:.4f} vs {t:.4f}, Δ {b - t:+.4g})")
+    log(f"model selection: shipping {'ToCoAD (fine-tuned F)' if shipped == 'tocoad' else 'PatchCore (frozen F)'}: "
+        f"{reason}")
+    return {"shipped": shipped, "reason": reason, "validation": scores, "n_validation": int(len(vset.labels))}
+
+
 def train_category(cfg: Config, data_root: str | Path, category: str, out: str | Path, storage_path: str | Path,
                    board: str | None = None, log: Callable[[str], None] | None = None,
                    validation: ValidationConfig | None = None, val_generator: str | None = None,
@@ -249,13 +291,25 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         raise DataError(f"no training images for {category!r} under {data_root}")
     if plan is None and not split.test:
         raise DataError(f"no test images for {category!r} under {data_root}")
-    paths = [s.path for s in split.train]
-    validator = vset = None
+    paths = all_paths = [s.path for s in split.train]
+    validator = vset = sel_set = None
+    selection: dict[str, Any] | None = None
     if plan is not None:
         mean, std = _mean_std(cfg)
         paths, vset, validator = _validation_data(cfg, plan, paths, mean, std)
         say(f"validation: {len(vset.labels) // 2} held-out normal images + as many {plan['generator']} anomalies; "
             f"fitting on {len(paths)}")
+    elif _selects(cfg):
+        sel_plan = _selection_plan(cfg)
+        try:
+            paths, sel_set, validator = _validation_data(cfg, sel_plan, all_paths, *_mean_std(cfg))
+        except ConfigError as e:  # too few images to hold any out: nothing to select on
+            selection = {"mode": "validation", "shipped": "tocoad", "reason": f"selection skipped: {e}"}
+            say(f"model selection skipped: {e}")
+        else:
+            selection = {"mode": "validation", "generator": sel_plan["generator"], "n_held_out": len(all_paths) - len(paths)}
+            say(f"model selection: {selection['n_held_out']} held-out normal images + as many {sel_plan['generator']} "
+                f"anomalies; training F on {len(paths)}")
     timings: dict[str, float] = {}
     files: dict[str, str] = {}
     histories: dict[str, list] = {}
@@ -276,6 +330,7 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
             discriminator = r1["state"]["model"]
             histories["stage1"], timings["stage1_s"] = r1["history"], r1["seconds"]
             resumed["stage1"] = r1.get("resumed_from", [])
+        best_epoch = None
         if cfg.stage2.enabled:
             spec2 = SampleSpec.build(cfg, 2, mean, std, with_generator=discriminator is not None)
             r2 = _stage(cfg, 2, category, work, store, len(paths), spec2, storage, board, say, discriminator,
@@ -283,19 +338,34 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
             body = {k[2:]: v for k, v in r2["state"]["model"].items() if k.startswith("F.")}
             histories["stage2"], timings["stage2_s"] = r2["history"], r2["seconds"]
             resumed["stage2"] = r2.get("resumed_from", [])
+            best_epoch = r2.get("best_epoch")
         else:  # stage I only: F stays the pretrained one
             body = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg)).body.state_dict()
-        art.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors(art / "backbone.safetensors", {k: v.detach().cpu().contiguous() for k, v in body.items()})
-        files["backbone.safetensors"] = ""
-        weights = str(art / "backbone.safetensors")
+        body = {k: v.detach().cpu().contiguous() for k, v in body.items()}
         timings["train_s"] = time.perf_counter() - t0
+        if sel_set is not None:
+            report_progress(board, category, stage="select")
+            t = time.perf_counter()
+            selection.update(_select(cfg, body, work / "select", category, data_root, paths, sel_set, say))
+            timings["select_s"] = time.perf_counter() - t
+        if selection is not None:
+            selection["best_epoch"] = best_epoch
+        art.mkdir(parents=True, exist_ok=True)
+        if selection is None or selection["shipped"] == "tocoad":
+            atomic_save_tensors(art / "backbone.safetensors", body)
+            files["backbone.safetensors"] = ""
+            weights = str(art / "backbone.safetensors")
+        else:  # a PatchCore artifact: no fine-tuned weights in it (an earlier run's would be stale)
+            (art / "backbone.safetensors").unlink(missing_ok=True)
         art.joinpath("train").mkdir(exist_ok=True)
         lines = [json.dumps(h) for stage in ("stage1", "stage2") for h in histories.get(stage, [])]
         atomic_write_bytes(art / "train" / "train_log.jsonl", ("\n".join(lines) + "\n").encode())
 
+    shipped_cfg = cfg if selection is None or selection["shipped"] == "tocoad" else replace(cfg, method="patchcore")
     report_progress(board, category, stage="bank")
-    meta = _bank(cfg, art, category, data_root, paths, weights, files, timings, t0, work, say)
+    # the shipped bank holds every training image (the held-out ones too, once the choice is made)
+    meta = _bank(shipped_cfg, art, category, data_root, all_paths if plan is None else paths, weights, files,
+                 timings, t0, work, say)
     def score(artifact: Path, c: Config) -> dict[str, Any]:
         if vset is None:
             return _evaluate(artifact, data_root, category, c)
@@ -309,12 +379,24 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
     metrics = score(art, cfg)
     timings["evaluate_s"] = time.perf_counter() - t
 
-    baseline = None
-    if cfg.method != "patchcore" and cfg.distributed.baseline:
+    baseline = finetuned = None
+    if shipped_cfg is not cfg:  # the baseline was shipped: it is the artifact just scored; the fine-tuned
+        baseline, base = dict(metrics), art  # F's bank (every training image) is built for the report
+        report_progress(board, category, stage="fine-tuned F (not shipped)")
+        t = time.perf_counter()
+        tuned = out / "finetuned" / category
+        tuned.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(tuned / "backbone.safetensors", body)
+        _bank(cfg, tuned, category, data_root, all_paths, str(tuned / "backbone.safetensors"),
+              {"backbone.safetensors": ""}, {}, t, work, say)
+        finetuned = {**score(tuned, cfg), "artifact": str(tuned)}
+        timings["finetuned_s"] = time.perf_counter() - t
+    elif cfg.method != "patchcore" and cfg.distributed.baseline:
         report_progress(board, category, stage="baseline")
         t = time.perf_counter()
         cfg_b = replace(cfg, method="patchcore")
-        _bank(cfg_b, base, category, data_root, paths, cfg.backbone.weights, {}, {}, t, work, say)
+        _bank(cfg_b, base, category, data_root, all_paths if plan is None else paths, cfg.backbone.weights, {}, {}, t,
+              work, say)
         baseline = score(base, cfg_b)
         timings["baseline_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -322,10 +404,12 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
     result = {
         "category": category, "status": "ok", "method": cfg.method,
         "fingerprint": category_fingerprint(cfg, data_root, category, plan), "validation": plan,
-        "metrics": metrics, "baseline": baseline, "timings": {**meta["timings"], **timings},
+        "metrics": metrics, "baseline": baseline,
+        "finetuned": finetuned,  # the fine-tuned F's test metrics when it was not shipped (else: metrics)
+        "timings": {**meta["timings"], **timings},
         "workers": cfg.distributed.num_workers, "histories": histories, "resumed_from": resumed,
         "artifact": str(art), "baseline_artifact": str(base) if baseline is not None else None,
-        "n_train": len(paths), "n_test": metrics.get("n_test"), "messages": messages,
+        "n_train": len(all_paths if plan is None else paths), "n_test": metrics.get("n_test"), "messages": messages, "selection": selection,
     }
     atomic_write_bytes(work / RESULT, json.dumps(result, indent=2, default=float).encode())
     if tracking is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..config import Config, from_dict
 from ..digest import fingerprint
@@ -47,6 +48,8 @@ STAGE_NAMES = {1: "stage1", 2: "stage2"}
 # allocator.py). Read at process start, hence an env var of the worker processes.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 HISTORY = "history.json"
+# stage II with a validator and ``stage2.keep_best``: F (+ C) of the best-validating epoch so far
+BEST_MODEL, BEST_INFO = "best_model.safetensors", "best.json"
 
 
 def build_stage_trainer(cfg: Config, stage: int, device: torch.device, discriminator_state: dict | None = None):
@@ -127,6 +130,9 @@ def stage_loop(config: dict[str, Any]) -> None:
 
     fp = stage_fingerprint(cfg, stage)
     history: list[dict[str, Any]] = []
+    validator = config.get("validator")
+    keep_best = stage == 2 and cfg.stage2.keep_best and validator is not None
+    best: dict[str, Any] | None = None  # rank 0: {"epoch", "val_score", "model"}
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -137,12 +143,14 @@ def stage_loop(config: dict[str, Any]) -> None:
                                       f"use another output folder or storage path")
             trainer.load_state_dict(state)
             history = json.loads((Path(d) / HISTORY).read_text())
+            if (Path(d) / BEST_INFO).is_file() and rank == 0:
+                best = json.loads((Path(d) / BEST_INFO).read_text())
+                best["model"] = load_file(str(Path(d) / BEST_MODEL))
         resumed_from = trainer.epoch
 
     n = int(config["n_images"])
     _, steps, bw = worker_batch(n, scfg.batch_size, scfg.max_steps_per_epoch, world)
     spec: SampleSpec = config["spec"]
-    validator = config.get("validator")
     remaining = scfg.epochs - trainer.epoch
     if remaining > 0:
         ds = epoch_dataset(config["store"], n, spec, trainer.epoch, rank, world, cfg.distributed.data_cpus,
@@ -157,6 +165,11 @@ def stage_loop(config: dict[str, Any]) -> None:
         m.update(workers=world, images=steps * bw * world, resumed_from=resumed_from)
         if validator is not None and rank == 0:  # validation.QuickValidator: F's score on held-out images
             m.update(validator(trainer.extractor), val_bank="quick", stage=name)
+            if keep_best and (best is None or m["val_score"] > best["val_score"]):  # ties: the earlier epoch
+                best = {"epoch": m["epoch"], "val_score": m["val_score"],
+                        "model": {k: v.detach().cpu().clone() for k, v in trainer.state_dict()["model"].items()}}
+            if best is not None:
+                m["best_epoch"] = best["epoch"]
         history.append(m)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -164,6 +177,9 @@ def stage_loop(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), trainer.state_dict(), {"stage": name, "epochs_planned": scfg.epochs,
                                                                    "fingerprint": fp})
                 (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                if best is not None:
+                    save_file({k: v.contiguous() for k, v in best["model"].items()}, str(Path(tmp) / BEST_MODEL))
+                    (Path(tmp) / BEST_INFO).write_text(json.dumps({k: best[k] for k in ("epoch", "val_score")}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(_flat(m), checkpoint=ckpt)
         if rank == 0:
@@ -182,6 +198,7 @@ class StageResult:
     workers: int
     run_name: str
     attempts_resumed: list[int] = field(default_factory=list)
+    best_epoch: int | None = None  # kept epoch (state["model"] is its weights); None: the last one
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -232,8 +249,13 @@ def run_stage(cfg: Config, stage: int, category: str, store, n_images: int, spec
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{STAGE_NAMES[stage]} of {category!r} finished without a checkpoint")
+    best_epoch = None
     with result.checkpoint.as_directory() as d:
         state, _ = load_checkpoint(Path(d))
         history = json.loads((Path(d) / HISTORY).read_text())
+        if (Path(d) / BEST_INFO).is_file():  # the best-validating epoch's weights replace the last ones
+            best_epoch = int(json.loads((Path(d) / BEST_INFO).read_text())["epoch"])
+            state["model"] = load_file(str(Path(d) / BEST_MODEL))
     resumed = sorted({int(h.get("resumed_from", 0)) for h in history})
-    return StageResult(state, history, time.perf_counter() - t0, cfg.distributed.num_workers, name, resumed)
+    return StageResult(state, history, time.perf_counter() - t0, cfg.distributed.num_workers, name, resumed,
+                       best_epoch)
