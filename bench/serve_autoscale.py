@@ -99,6 +99,7 @@ def main() -> int:
     from ray import serve
 
     from serve.app import build_app
+    from serve.cli import proxy_logging
     from serve.config import from_dict
 
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -133,7 +134,7 @@ def main() -> int:
             stop.wait(1.0)
 
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=proxy_logging(cfg))  # as tocoad serve
         serve.run(build_app(svc), name="tocoad", route_prefix="/")
         for _ in range(240):
             if httpx.get(url + "/readyz").status_code == 200:

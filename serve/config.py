@@ -50,11 +50,12 @@ class Autoscaling:
     """How fast a deployment follows scoring traffic (Ray Serve's autoscaling_config). Ray's
     defaults (30 s before a scale-up, 10 min before a scale-down, 30 s averaging window) suit
     long-lived traffic; scoring load arrives in bursts (a line starts, a shift ends), so a replica
-    is added after a few seconds of queueing and removed after a minute of quiet."""
+    is asked for after a few seconds of queueing (starting it takes longer: a new process
+    loads torch and the model) and removed after a minute of quiet."""
 
-    upscale_delay_s: float = 5.0
+    upscale_delay_s: float = 2.0
     downscale_delay_s: float = 60.0
-    look_back_period_s: float = 10.0  # the window the ongoing-request average is taken over
+    look_back_period_s: float = 5.0  # the window the ongoing-request average is taken over
     metrics_interval_s: float = 2.0  # how often replicas report their queue
 
 

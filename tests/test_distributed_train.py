@@ -21,6 +21,7 @@ from tocoad_ray.distributed.category import train_category
 from tocoad_ray.distributed.samples import SampleSpec, decode_images, image_store
 from tocoad_ray.distributed.stages import run_stage
 from tocoad_ray.models.backbone import FeatureExtractor
+from tocoad_ray.run_report import markdown_report
 from tocoad_ray.train import train_tocoad
 
 from .ray_fixtures import ray_local, tiny_cfg, tiny_root  # noqa: F401 - fixtures
@@ -193,3 +194,10 @@ def test_train_all_ships_the_baseline_when_fine_tuning_validates_worse(ray_local
     # F trained without the held-out images, and was validated after every epoch
     assert any("training F on 4" in m for m in res["messages"])
     assert len(res["histories"]["stage2"]) == 2 and all("val_score" in h for h in res["histories"]["stage2"])
+    # the report's table: both models with their validation scores and test metrics, and which shipped
+    md = markdown_report({"order": ["bottle"], "categories": {"bottle": res}})
+    tuned_row, base_row, why = [line for line in md.splitlines() if line.startswith("| bottle |")]
+    assert tuned_row.startswith("| bottle | tocoad |") and "| no |" in tuned_row
+    assert f"| {val['tocoad']:.4f} |" in tuned_row and f"| {res['finetuned']['aupro']:.3f} |" in tuned_row
+    assert "patchcore (frozen F, same run)" in base_row and "| **yes** |" in base_row
+    assert f"| {val['patchcore']:.4f} |" in base_row and sel["reason"] in why

@@ -36,7 +36,7 @@ def test_autoscaling_settings_reach_the_deployments():
 
 def test_shipped_config_file_loads_with_its_autoscaling():
     cfg = load_config(ROOT / "serve" / "config.yaml")
-    assert cfg.backbone.autoscaling.downscale_delay_s == 60 and cfg.shards.autoscaling.upscale_delay_s == 5
+    assert cfg.backbone.autoscaling.downscale_delay_s == 60 and cfg.shards.autoscaling.upscale_delay_s == 2
 
 
 @pytest.mark.parametrize("bad, match", [
