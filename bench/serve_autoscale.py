@@ -57,7 +57,7 @@ def serve_rss() -> dict[str, dict[str, float]]:
         except (psutil.Error, TypeError, AttributeError):
             continue
         if cmd.startswith("ray::ServeReplica:"):
-            key = cmd.split()[0].split(":")[-1]
+            key = cmd.split()[0].split(":")[-1].split(".")[0]  # the title may carry the running method
         elif cmd.startswith("ray::ServeController"):
             key = "(controller)"
         elif cmd.startswith("ray::ProxyActor"):

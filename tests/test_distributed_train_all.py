@@ -26,6 +26,9 @@ def test_main_job_defaults_parse():
     cfg = config_from_args(args)
     assert cfg.method == "tocoad" and cfg.data.layout == "elpv" and cfg.distributed.num_workers == 2
     assert cfg.stage1.enabled and cfg.stage2.enabled
+    assert cfg.distributed.select == "validation" and cfg.stage2.keep_best  # ships what validates better
+    with pytest.raises(ConfigError, match="distributed.select"):
+        config_from_args(build_parser().parse_args(["train-all", "--set", "distributed.select=test"]))
     assert list_categories(None, "elpv") == ["mono", "poly"]
     with pytest.raises(ConfigError, match="distributed.num_workers"):
         config_from_args(build_parser().parse_args(["train-all", "--set", "distributed.num_workers=0"]))
