@@ -177,10 +177,12 @@ def test_train_all_ships_the_baseline_when_fine_tuning_validates_worse(ray_local
     validation contest to frozen-F PatchCore on held-out images, so the category ships PatchCore,
     built on every training image; the fine-tuned F's test metrics are still reported."""
     cfg = tiny_cfg(**{"distributed.select": "validation", "distributed.select_fraction": 0.3,
-                      "distributed.select_min_images": 2, "distributed.num_workers": 1, "stage2.lr": 5.0})
+                      "distributed.select_min_images": 2, "distributed.select_bank_images": 3,
+                      "distributed.num_workers": 1, "stage2.lr": 5.0})
     res = train_category(cfg, tiny_root, "bottle", tmp_path / "run", tmp_path / "run" / "ray")
     sel = res["selection"]
     assert sel["mode"] == "validation" and sel["n_held_out"] == 2 and sel["n_validation"] == 4
+    assert sel["n_bank_images"] == 3  # the selection banks: 3 of the 4 fitting images
     val = {m: sel["validation"][m]["val_score"] for m in ("tocoad", "patchcore")}
     assert val["patchcore"] > val["tocoad"] and sel["shipped"] == "patchcore" and "validates better" in sel["reason"]
     art = Path(res["artifact"])

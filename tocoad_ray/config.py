@@ -302,6 +302,10 @@ class DistributedConfig:
     select: str = "validation"
     select_fraction: float = 0.2  # share of the training images held out for the selection
     select_min_images: int = 4  # held out at least (a category needs at least one more to train on)
+    # the two selection banks (fine-tuned F, frozen F) are built over at most this many of the
+    # fitting images, evenly spaced (0: all): they are compared with each other, and the shipped
+    # bank is built again from every image
+    select_bank_images: int = 64
     # where work lands on a cluster: Ray's placement of a stage's DDP workers (PACK: as few nodes as
     # possible; SPREAD: one per node where it can), and custom resources (``ray start --resources``)
     # that each training worker / each category driver (train-all, Tune trials) asks for, to steer
@@ -335,6 +339,8 @@ class DistributedConfig:
             raise ConfigError(f"distributed.select_fraction must be in (0, 1), got {self.select_fraction}")
         if self.select_min_images < 2:
             raise ConfigError(f"distributed.select_min_images must be >= 2, got {self.select_min_images}")
+        if self.select_bank_images < 0:
+            raise ConfigError(f"distributed.select_bank_images must be >= 0 (0: all), got {self.select_bank_images}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigError(f"distributed.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                               f"got {self.placement_strategy!r}")

@@ -224,10 +224,14 @@ def _selection_plan(cfg: Config) -> dict[str, Any]:
 def _select(cfg: Config, body: dict[str, torch.Tensor], folder: Path, category: str, data_root: str | Path,
             paths: list[Path], vset: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """Fine-tuned F against frozen F on the validation objective (``validation.score_validation``):
-    a bank of each over the images F trained on, scored on the held-out normal images and G_val's
-    anomalies made from them. The baseline wins ties: fine-tuning must earn its place."""
+    a bank of each over the images F trained on (at most ``distributed.select_bank_images`` of
+    them), scored on the held-out normal images and G_val's anomalies made from them. The baseline
+    wins ties: fine-tuning must earn its place."""
     from ..pipeline import load_detector
 
+    cap = cfg.distributed.select_bank_images
+    if cap and len(paths) > cap:  # evenly spaced, so the subset is a pure function of the list
+        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, cap).round()]
     scores = {}
     for method in ("tocoad", "patchcore"):
         c, d = replace(cfg, method=method), folder / method
@@ -245,7 +249,8 @@ def _select(cfg: Config, body: dict[str, torch.Tensor], folder: Path, category: 
               f"frozen-F PatchCore validates {'better' if b > t else 'as well'} ({b:.4f} vs {t:.4f}, Δ {b - t:+.4g})")
     log(f"model selection: shipping {'ToCoAD (fine-tuned F)' if shipped == 'tocoad' else 'PatchCore (frozen F)'}: "
         f"{reason}")
-    return {"shipped": shipped, "reason": reason, "validation": scores, "n_validation": int(len(vset.labels))}
+    return {"shipped": shipped, "reason": reason, "validation": scores, "n_validation": int(len(vset.labels)),
+            "n_bank_images": len(paths)}
 
 
 def train_category(cfg: Config, data_root: str | Path, category: str, out: str | Path, storage_path: str | Path,
