@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_load import load_level  # noqa: E402
+from serve_load import load_level, loopback_url, request_bodies  # noqa: E402
 
 DEPLOYMENTS = ("Backbone", "BankShard", "Ingress", "Registry")
 
@@ -102,14 +101,8 @@ def main() -> int:
     from serve.cli import proxy_logging
     from serve.config import from_dict
 
-    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not paths:
-        raise SystemExit(f"no images under {args.images}")
-    bodies = [p.read_bytes() for p in paths[:32]]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    bodies = request_bodies(args.images)
+    url, port = loopback_url()
     # the defaults of serve/config.py, bar the product and the replica ceiling
     svc = {"products": [{"name": "p", "artifact": args.artifact, "shards": args.shards}],
            "backbone": {"max_replicas": args.max_replicas}, "shards": {"max_replicas": args.max_replicas}}

@@ -70,6 +70,22 @@ async def load_level(url: str, product: str, bodies: list[bytes], n: int, concur
             "_t_ok": t_ok}
 
 
+def request_bodies(folder: str, n: int = 32) -> list[bytes]:
+    """The bytes of the first ``n`` images under ``folder`` (searched recursively), to send as requests."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not paths:
+        raise SystemExit(f"no images under {folder}")
+    return [p.read_bytes() for p in paths[:n]]
+
+
+def loopback_url() -> tuple[str, int]:
+    """A free port on 127.0.0.1 and its URL: the benches never listen beyond this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}", port
+
+
 def shard_replicas() -> list[str]:
     import ray
 
@@ -133,14 +149,8 @@ def main() -> int:
 
     from serve.app import build_app
 
-    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not paths:
-        raise SystemExit(f"no images under {args.images}")
-    bodies = [p.read_bytes() for p in paths[:32]]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"  # loopback only, by construction
+    bodies = request_bodies(args.images)
+    url, port = loopback_url()
     svc = {"products": [{"name": "p", "artifact": args.artifact, "shards": args.shards}], "poll_interval_s": 5.0,
            "backbone": {"num_cpus": 0.5, "min_replicas": 1, "max_replicas": args.backbone_max_replicas,
                         "target_ongoing_requests": 4, "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
