@@ -151,17 +151,12 @@ def main() -> None:
 
 
 def throughput(args, ov: dict, cfg, paths, tmp: Path) -> dict:
-    """Plain loop (as shipped, then with the workers' allocator setting) and the Ray pipeline."""
+    """Plain loop (as ``tocoad fit`` runs it: ``train_tocoad`` sets the workers' allocator setting
+    too) and the Ray pipeline."""
     import ray
 
     results = {"plain": plain(cfg, paths, tmp / "plain")}
     print(json.dumps({"plain": results["plain"]}), flush=True)
-    # the same loop with the allocator setting the Ray workers use (process-wide, so after it)
-    from tocoad_ray.distributed.allocator import keep_freed_memory
-
-    keep_freed_memory()
-    results["plain_keep_freed_memory"] = plain(cfg, paths, tmp / "plain_tuned")
-    print(json.dumps({"plain_keep_freed_memory": results["plain_keep_freed_memory"]}), flush=True)
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     # (workers, torch threads per worker): one worker with all threads like the plain loop, one
     # worker leaving a core to the Ray Data task that makes the samples, two workers

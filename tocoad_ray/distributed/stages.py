@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config, from_dict
 from ..digest import fingerprint
+from ..train.allocator import keep_freed_memory
 from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..train.extractor import build_extractor
 from ..train.seeding import seeded_init
-from .allocator import keep_freed_memory
 from .progress import report_progress
 from .samples import (
     SampleSpec,
@@ -45,7 +45,7 @@ from .samples import (
 STAGE_NAMES = {1: "stage1", 2: "stage2"}
 # glibc serves a non-main thread (Ray Train V2 runs the loop in one) from 64 MiB arena heaps and
 # mmaps every larger tensor afresh; one arena for the process keeps them on the main heap (see
-# allocator.py). Read at process start, hence an env var of the worker processes.
+# train/allocator.py). Read at process start, hence an env var of the worker processes.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 HISTORY = "history.json"
 # stage II with a validator and ``stage2.keep_best``: F (+ C) of the best-validating epoch so far
@@ -116,7 +116,7 @@ def stage_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    keep_freed_memory()  # the loop runs in a non-main thread: see allocator.py
+    keep_freed_memory()  # the loop runs in a non-main thread: see train/allocator.py
     stage = int(config["stage"])
     cfg = from_dict(Config, config["cfg"])
     ctx = ray.train.get_context()

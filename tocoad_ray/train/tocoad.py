@@ -20,6 +20,7 @@ from ..data import Preprocess
 from ..digest import fingerprint
 from ..models.backbone import resolve_device
 from ..synth import AnomalyGenerator
+from .allocator import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
     clear_checkpoint,
@@ -96,6 +97,7 @@ def train_tocoad(cfg: Config, images: Sequence[np.ndarray | str | Path], workdir
     continues from the saved epochs (completed stages are skipped). Returns the fine-tuned F body
     state dict (cpu tensors)."""
     log = log or logger.info
+    keep_freed_memory()  # reuse freed memory instead of page-faulting every step's tensors in again
     dev = resolve_device(device)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
