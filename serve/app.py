@@ -435,7 +435,7 @@ class Ingress:
             if st is None:
                 raise ServeError(404, "unknown_product", f"no product {product!r}; see GET /v1/products")
             retry = {"Retry-After": str(max(1, int(np.ceil(snap["settings"]["poll_interval_s"]))))}
-            if st["state"] == "loading":
+            if st["state"] != "unavailable":  # loading (or published in the very next snapshot)
                 raise ServeError(503, "product_loading", f"product {product!r} is still loading; retry shortly", retry)
             raise ServeError(503, "product_unavailable", f"product {product!r} is unavailable ({st['kind']}): "
                                                          f"{st['message']}", retry)

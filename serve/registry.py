@@ -66,6 +66,9 @@ class Registry:
         self.generation = 0
         self.last_poll = 0.0
         self._poll_lock = threading.Lock()
+        # products and states change together: a snapshot never sees a product's state gone (or
+        # ready) while its published version is still there (or not yet there)
+        self._publish = threading.Lock()
         self._last_failure: dict[str, tuple[str, str] | str] = {}  # what was last logged, per product
         self._write_locks: dict[str, threading.Lock] = {}  # per product: feedback / rollback one at a time
         self._stop = threading.Event()
@@ -114,11 +117,18 @@ class Registry:
             changed = False
             wanted = resolve_products(cfg)
             names = {p.name for p in wanted}
-            for name in set(new) - names:
-                del new[name]
-                changed = True
-            for name in set(self.states) - names:
-                del self.states[name]
+            gone = (set(new) | set(self.states)) - names
+            removed = False
+            if gone:  # forgotten at once: state and published version in one step
+                with self._publish:
+                    for name in gone:
+                        new.pop(name, None)
+                        self.states.pop(name, None)
+                    if set(self.products) & gone:
+                        self.products = dict(new)
+                        self.generation += 1
+                        removed = True
+            ready: dict[str, dict[str, Any]] = {}  # states of versions loaded now: set when they are published
             for p in wanted:
                 self.states.setdefault(p.name, {"state": "loading", "since": time.time()})
                 try:
@@ -137,16 +147,18 @@ class Registry:
                                        self._load_edge(p.name, artifact, sha, files, p.threshold, p.runtime))
                         new[p.name].update(artifact_root=root, artifact_version=number)
                         changed = True
-                    self.states[p.name] = {"state": "ready", "since": new[p.name]["loaded_at"]}
+                    ready[p.name] = {"state": "ready", "since": new[p.name]["loaded_at"]}
                     if self._last_failure.pop(p.name, None) is not None:
                         log.warning("registry: product %r loads again (version %s)", p.name, sha[:12])
                 except Exception as e:  # ``new`` keeps the published version, if any: it keeps serving
                     self._fail(p.name, e)
-            if changed:
-                self.products = new  # the atomic swap: one reference assignment
-                self.generation += 1
+            with self._publish:
+                if changed:
+                    self.products = new  # the atomic swap: one reference assignment
+                    self.generation += 1
+                self.states.update(ready)
             self.last_poll = time.time()
-            return changed
+            return changed or removed
 
     def _load(self, name: str, artifact: str, sha: str, shards: int, threshold: float | None) -> dict[str, Any]:
         import ray
@@ -210,9 +222,11 @@ class Registry:
     def snapshot(self) -> dict[str, Any]:
         cfg = self.cfg
         token = cfg.effective_token()
+        with self._publish:
+            generation, products, states = self.generation, self.products, {k: dict(v) for k, v in self.states.items()}
         return {
-            "generation": self.generation, "products": self.products,
-            "states": {k: dict(v) for k, v in self.states.items()}, "config_error": self.config_error,
+            "generation": generation, "products": products,
+            "states": states, "config_error": self.config_error,
             "last_poll": self.last_poll, "poll_interval_s": cfg.poll_interval_s,
             "settings": {
                 "max_upload_bytes": cfg.max_upload_bytes, "max_pixels": cfg.max_pixels,
