@@ -221,6 +221,14 @@ def _selection_plan(cfg: Config) -> dict[str, Any]:
     return {**asdict(vcfg), "generator": resolve_generator(vcfg, [cfg.generator.kind])}
 
 
+def _fine_tuned_into(folder: Path, body: dict[str, torch.Tensor], files: dict[str, str]) -> str:
+    """Write fine-tuned F's weights into an artifact folder (listed in ``files``); returns their path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(folder / "backbone.safetensors", body)
+    files["backbone.safetensors"] = ""
+    return str(folder / "backbone.safetensors")
+
+
 def _select(cfg: Config, body: dict[str, torch.Tensor], folder: Path, category: str, data_root: str | Path,
             paths: list[Path], vset: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """Fine-tuned F against frozen F on the validation objective (``validation.score_validation``):
@@ -236,11 +244,7 @@ def _select(cfg: Config, body: dict[str, torch.Tensor], folder: Path, category: 
     for method in ("tocoad", "patchcore"):
         c, d = replace(cfg, method=method), folder / method
         files: dict[str, str] = {}
-        weights = cfg.backbone.weights
-        if method == "tocoad":
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_save_tensors(d / "backbone.safetensors", body)
-            files["backbone.safetensors"], weights = "", str(d / "backbone.safetensors")
+        weights = _fine_tuned_into(d, body, files) if method == "tocoad" else cfg.backbone.weights
         _bank(c, d, category, data_root, paths, weights, files, {}, time.perf_counter(), folder, lambda m: None)
         scores[method] = score_validation(load_detector(d), vset)
     shipped = "tocoad" if scores["tocoad"]["val_score"] > scores["patchcore"]["val_score"] else "patchcore"
@@ -296,7 +300,7 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         raise DataError(f"no training images for {category!r} under {data_root}")
     if plan is None and not split.test:
         raise DataError(f"no test images for {category!r} under {data_root}")
-    paths = all_paths = [s.path for s in split.train]
+    paths = all_paths = [s.path for s in split.train]  # paths: what F trains on
     validator = vset = sel_set = None
     selection: dict[str, Any] | None = None
     if plan is not None:
@@ -357,9 +361,7 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
             selection["best_epoch"] = best_epoch
         art.mkdir(parents=True, exist_ok=True)
         if selection is None or selection["shipped"] == "tocoad":
-            atomic_save_tensors(art / "backbone.safetensors", body)
-            files["backbone.safetensors"] = ""
-            weights = str(art / "backbone.safetensors")
+            weights = _fine_tuned_into(art, body, files)
         else:  # a PatchCore artifact: no fine-tuned weights in it (an earlier run's would be stale)
             (art / "backbone.safetensors").unlink(missing_ok=True)
         art.joinpath("train").mkdir(exist_ok=True)
@@ -367,10 +369,11 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         atomic_write_bytes(art / "train" / "train_log.jsonl", ("\n".join(lines) + "\n").encode())
 
     shipped_cfg = cfg if selection is None or selection["shipped"] == "tocoad" else replace(cfg, method="patchcore")
+    # the shipped bank holds every training image (the held-out ones too, once the choice is made);
+    # a tune trial's holds only its fitting images (the rest are its validation set)
+    bank_paths = all_paths if plan is None else paths
     report_progress(board, category, stage="bank")
-    # the shipped bank holds every training image (the held-out ones too, once the choice is made)
-    meta = _bank(shipped_cfg, art, category, data_root, all_paths if plan is None else paths, weights, files,
-                 timings, t0, work, say)
+    meta = _bank(shipped_cfg, art, category, data_root, bank_paths, weights, files, timings, t0, work, say)
     def score(artifact: Path, c: Config) -> dict[str, Any]:
         if vset is None:
             return _evaluate(artifact, data_root, category, c)
@@ -381,7 +384,7 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
 
     report_progress(board, category, stage="evaluate" if vset is None else "validate")
     t = time.perf_counter()
-    metrics = score(art, cfg)
+    metrics = score(art, shipped_cfg)
     timings["evaluate_s"] = time.perf_counter() - t
 
     baseline = finetuned = None
@@ -389,19 +392,16 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         baseline, base = dict(metrics), art  # F's bank (every training image) is built for the report
         report_progress(board, category, stage="fine-tuned F (not shipped)")
         t = time.perf_counter()
-        tuned = out / "finetuned" / category
-        tuned.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors(tuned / "backbone.safetensors", body)
-        _bank(cfg, tuned, category, data_root, all_paths, str(tuned / "backbone.safetensors"),
-              {"backbone.safetensors": ""}, {}, t, work, say)
+        tuned, tuned_files = out / "finetuned" / category, {}
+        _bank(cfg, tuned, category, data_root, bank_paths, _fine_tuned_into(tuned, body, tuned_files), tuned_files,
+              {}, t, work, say)
         finetuned = {**score(tuned, cfg), "artifact": str(tuned)}
         timings["finetuned_s"] = time.perf_counter() - t
     elif cfg.method != "patchcore" and cfg.distributed.baseline:
         report_progress(board, category, stage="baseline")
         t = time.perf_counter()
         cfg_b = replace(cfg, method="patchcore")
-        _bank(cfg_b, base, category, data_root, all_paths if plan is None else paths, cfg.backbone.weights, {}, {}, t,
-              work, say)
+        _bank(cfg_b, base, category, data_root, bank_paths, cfg.backbone.weights, {}, {}, t, work, say)
         baseline = score(base, cfg_b)
         timings["baseline_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -414,7 +414,7 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         "timings": {**meta["timings"], **timings},
         "workers": cfg.distributed.num_workers, "histories": histories, "resumed_from": resumed,
         "artifact": str(art), "baseline_artifact": str(base) if baseline is not None else None,
-        "n_train": len(all_paths if plan is None else paths), "n_test": metrics.get("n_test"), "messages": messages, "selection": selection,
+        "n_train": len(bank_paths), "n_test": metrics.get("n_test"), "messages": messages, "selection": selection,
     }
     atomic_write_bytes(work / RESULT, json.dumps(result, indent=2, default=float).encode())
     if tracking is not None:
