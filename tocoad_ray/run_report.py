@@ -75,7 +75,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         sel = r.get("selection") or {}
         shipped = sel.get("shipped", r["method"])
         b, t = r.get("baseline"), r.get("timings", {})
-        m = r.get("finetuned") or r["metrics"] if shipped == "patchcore" else r["metrics"]
+        # the method row shows the fine-tuned model: its own evaluation when PatchCore was shipped
+        m = (r.get("finetuned") or r["metrics"]) if shipped == "patchcore" else r["metrics"]
         delta = (m.get("image_auroc") - b.get("image_auroc")) if b and isinstance(m.get("image_auroc"), float) \
             and isinstance(b.get("image_auroc"), float) else None
         name = r["method"] + (" (earlier run)" if r.get("skipped") else "")
