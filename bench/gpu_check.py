@@ -13,7 +13,7 @@ Checks, each with "status" (pass | fail | skipped, with the reason), "seconds" a
   take training steps on CUDA on real batches (``make_stage1_batch`` / ``make_stage2_batch``);
   stage II with the paper's ``stage2_layers`` and with layers that stop before EfficientNet's
   last block (its tail must stay frozen and unchanged).
-* ``ray_stages``: stage I then stage II through ``stages.run_stage`` (Ray TorchTrainer, Ray Data
+* ``ray_stages``: stage I then stage II in one ``stages.run_stages`` run (Ray TorchTrainer, Ray Data
   samples) with ``use_gpu``: 2 workers when the machine has 2 GPUs or more, else 1; stage II with
   the short ``stage2_layers`` and ``preserve: none`` (the DDP case). Needs Ray.
 * ``fp16_bank``: PatchCore ``fit`` + ``evaluate`` (``configs/anchor.yaml``) with the bank
@@ -285,7 +285,7 @@ def check_ray_stages(ctx: dict) -> dict:
     _ray(ctx)
     from tocoad_ray.config import replace
     from tocoad_ray.distributed.samples import SampleSpec, decode_images, image_store
-    from tocoad_ray.distributed.stages import run_stage
+    from tocoad_ray.distributed.stages import run_stages
     from tocoad_ray.train import build_extractor
     from tocoad_ray.train.seeding import seeded_init
 
@@ -303,9 +303,9 @@ def check_ray_stages(ctx: dict) -> dict:
     store = image_store(decode_images(paths, cfg, ex.mean, ex.std), len(paths))
     decode_s = time.perf_counter() - t
     storage = Path(ctx["tmp"]) / "ray_storage"
-    r1 = run_stage(cfg, 1, "gpu_check", store, len(paths), SampleSpec.build(cfg, 1, ex.mean, ex.std), str(storage))
-    r2 = run_stage(cfg, 2, "gpu_check", store, len(paths), SampleSpec.build(cfg, 2, ex.mean, ex.std), str(storage),
-                   discriminator_state=r1.state["model"])
+    res = run_stages(cfg, [1, 2], "gpu_check", store, len(paths),  # one worker group, as train-all runs them
+                     {s: SampleSpec.build(cfg, s, ex.mean, ex.std) for s in (1, 2)}, str(storage))
+    r1, r2 = res[1], res[2]
     out = {"workers": workers, "gpus": gpus, "use_gpu": gpus > 0, "stage2_layers": SHORT_LAYERS, "preserve": "none",
            "decode_s": round(decode_s, 2)}
     ok = True
@@ -313,7 +313,8 @@ def check_ray_stages(ctx: dict) -> dict:
         losses = [h["losses"]["loss"] for h in r.history]
         s_ok = len(r.history) == scfg.epochs and _finite(losses) and all(h["workers"] == workers for h in r.history)
         out[name] = {"ok": s_ok, "epochs": len(r.history), "losses": [round(v, 5) for v in losses],
-                     "epoch_s": [round(h["seconds"], 2) for h in r.history], "wall_s": round(r.seconds, 1)}
+                     "epoch_s": [round(h["seconds"], 2) for h in r.history], "train_s": round(r.seconds, 1),
+                     "run_wall_s": round(r.run_seconds, 1)}
         ok = ok and s_ok
     out["status"] = "pass" if ok else "fail"
     return out

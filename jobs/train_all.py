@@ -107,7 +107,7 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
         task = task.options(memory=mem)  # admission control: categories wait for memory, not OOM
     echo(f"train-all: {len(categories)} categories ({', '.join(categories)}) on Ray ({where}, "
          f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs), "
-         f"method {cfg.method}, {cfg.distributed.num_workers} workers per stage; output {out}")
+         f"method {cfg.method}, {cfg.distributed.num_workers} DDP workers per category; output {out}")
     if tracking:
         from tocoad_ray.distributed.category import category_fingerprint
 

@@ -1,6 +1,6 @@
 """Stage I / II on Ray Train: one worker reproduces the single-process trainer bit for bit; two
-DDP workers are deterministic; a killed worker is replaced and the run resumes from its last
-checkpoint and ends where an uninterrupted run ends; the per-category driver writes an artifact
+DDP workers are deterministic; a worker killed in stage II is replaced and the run resumes from
+its last checkpoint (D included) and ends where an uninterrupted run ends; the per-category driver writes an artifact
 that ``tocoad evaluate`` scores exactly as the driver reported."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tocoad_ray.cli import main as cli_main
 from tocoad_ray.data import load_split
 from tocoad_ray.distributed.category import train_category
 from tocoad_ray.distributed.samples import SampleSpec, decode_images, image_store
-from tocoad_ray.distributed.stages import run_stage
+from tocoad_ray.distributed.stages import run_stage, run_stages
 from tocoad_ray.models.backbone import FeatureExtractor
 from tocoad_ray.run_report import markdown_report
 from tocoad_ray.train import train_tocoad
@@ -67,13 +67,13 @@ def _stage1_inputs(cfg, root):
     return store, len(paths), SampleSpec.build(cfg, 1, ex.mean, ex.std)
 
 
-def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event, killed: list):
+def _kill_a_worker_in_stage_two(storage: Path, done: threading.Event, killed: list):
     """Real failure: SIGKILL one Ray Train worker process (its process title is
-    ``ray::RayTrainWorker``) once the run's controller has registered a checkpoint (its snapshot
-    in storage names one), so there is something to resume from."""
-    deadline = time.monotonic() + 240
+    ``ray::RayTrainWorker``) once the run's controller has registered a stage-II checkpoint (its
+    snapshot in storage names one), so the restart must resume stage II with D from it."""
+    deadline = time.monotonic() + 300
     while not done.is_set() and time.monotonic() < deadline:
-        if any(_registered_epoch(p) >= 1 for p in storage.glob("*/checkpoint_manager_snapshot.json")):
+        if any(_registered(p) >= ("stage2", 1) for p in storage.glob("*/checkpoint_manager_snapshot.json")):
             for pid in _train_worker_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -81,11 +81,13 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event, 
         time.sleep(0.2)
 
 
-def _registered_epoch(snapshot: Path) -> int:
+def _registered(snapshot: Path) -> tuple[str, int]:
+    """(stage, epoch) of the checkpoint Ray Train has registered for a run."""
     try:
-        return int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
+        m = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]
+        return str(m["stage"]), int(m["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return "", 0
 
 
 def _train_worker_pids() -> list[int]:
@@ -102,27 +104,33 @@ def _train_worker_pids() -> list[int]:
 
 @pytest.mark.slow
 def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_local, tiny_root, tmp_path):  # noqa: F811
-    cfg = tiny_cfg(**{"stage1.epochs": 15, "stage1.max_steps_per_epoch": 1, "distributed.num_workers": 2,
-                      "distributed.max_failures": 1})
-    store, n, spec = _stage1_inputs(cfg, tiny_root)
-    straight = run_stage(cfg, 1, "bottle", store, n, spec, str(tmp_path / "a"))
-    assert straight.attempts_resumed == [0]
+    """Both stages in one run, a worker killed in stage II: the new worker group resumes stage II
+    from its checkpoint (D included, stage I not rerun) and ends where an uninterrupted run ends."""
+    cfg = tiny_cfg(**{"stage1.epochs": 2, "stage1.max_steps_per_epoch": 1, "stage2.epochs": 8,
+                      "distributed.num_workers": 2, "distributed.max_failures": 1})
+    store, n, spec1 = _stage1_inputs(cfg, tiny_root)
+    specs = {1: spec1, 2: SampleSpec.build(cfg, 2, spec1.mean, spec1.std)}
+    straight = run_stages(cfg, [1, 2], "bottle", store, n, specs, str(tmp_path / "a"))
+    assert straight[1].attempts_resumed == straight[2].attempts_resumed == [0]
 
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "c", done, killed))
+    killer = threading.Thread(target=_kill_a_worker_in_stage_two, args=(tmp_path / "c", done, killed))
     killer.start()
     try:
-        crashed = run_stage(cfg, 1, "bottle", store, n, spec, str(tmp_path / "c"))
+        crashed = run_stages(cfg, [1, 2], "bottle", store, n, specs, str(tmp_path / "c"))
     finally:
         done.set()
         killer.join()
     assert killed, "no worker was killed"
-    assert [h["epoch"] for h in crashed.history] == list(range(1, 16))
-    assert max(crashed.attempts_resumed) >= 1, "the replacement workers did not resume from a checkpoint"
+    assert [h["epoch"] for h in crashed[1].history] == [1, 2]
+    assert [h["epoch"] for h in crashed[2].history] == list(range(1, 9))
+    assert crashed[1].attempts_resumed == [0], "stage I ran again after a failure in stage II"
+    assert max(crashed[2].attempts_resumed) >= 1, "the replacement workers did not resume stage II from a checkpoint"
     # the same seed with 2 DDP workers is deterministic, and a resumed run ends where the straight one does
-    for k, v in straight.state["model"].items():
-        assert torch.equal(v, crashed.state["model"][k]), f"{k}: resumed run ended elsewhere than the straight run"
-    assert [h["losses"] for h in straight.history] == [h["losses"] for h in crashed.history]
+    for s in (1, 2):
+        for k, v in straight[s].state["model"].items():
+            assert torch.equal(v, crashed[s].state["model"][k]), f"stage {s} {k}: resumed run ended elsewhere"
+        assert [h["losses"] for h in straight[s].history] == [h["losses"] for h in crashed[s].history]
 
 
 @pytest.mark.parametrize("method", ["patchcore", "reconpatch"])

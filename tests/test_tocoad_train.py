@@ -278,3 +278,11 @@ def test_resume_with_changed_config_is_refused(tmp_path):
     other = replace(cfg, stage1=replace(cfg.stage1, lr=5e-4))
     with pytest.raises(CheckpointError, match="different configuration"):
         _run(other, tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("name, layer", [("tf_efficientnet_lite0", "blocks.2"), ("wide_resnet50_2", "layer2")])
+def test_normalisation_without_a_model_is_the_extractors(name, layer):
+    from tocoad_ray.models.backbone import normalisation
+
+    f = FeatureExtractor(name, [layer], weights="random")
+    assert normalisation(name) == (f.mean, f.std)

@@ -270,18 +270,21 @@ SELECT_MODES = ("validation", "none")
 class DistributedConfig:
     """Ray execution of ``tocoad train-all`` (does not change the math).
 
-    Each training stage runs as a TorchTrainer of ``num_workers`` DDP workers. The global batch
+    Both training stages run in one TorchTrainer of ``num_workers`` DDP workers. The global batch
     (``stage{1,2}.batch_size``) and the learning rates stay the paper's whatever the number of
     workers: each worker takes batch_size / num_workers rows of every step and DDP averages the
     gradients, so one step sees the same samples as the single-process loop.
     """
 
-    num_workers: int = 2  # DDP training workers per stage (each takes batch_size / num_workers rows)
+    num_workers: int = 2  # DDP training workers (each takes batch_size / num_workers rows)
     cpus_per_worker: float = 1.0  # CPUs reserved per training worker (also its torch threads)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
     gpus_per_worker: float = 1.0  # GPUs per training worker when use_gpu
     data_cpus: float = 0.5  # CPUs per Ray Data task that makes G's samples / view pairs
     data_tasks: int = 2  # such tasks at once per training worker (G runs beside the training step)
+    # training sets up to this size are decoded in the category's own task (starting Ray Data's
+    # decode tasks costs more than decoding a few dozen images); larger ones by Ray Data tasks
+    local_decode_max_images: int = 64
     # actor pool size for the bank's feature extraction; 0: in the category's own task (no actor
     # to start: faster for a few dozen images, and the bank then needs no other process)
     feature_actors: int = 1
@@ -322,6 +325,8 @@ class DistributedConfig:
                 raise ConfigError(f"distributed.{key} must be > 0, got {getattr(self, key)}")
         if self.gpus_per_worker < 0:
             raise ConfigError(f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        if self.local_decode_max_images < 0:
+            raise ConfigError(f"distributed.local_decode_max_images must be >= 0, got {self.local_decode_max_images}")
         if self.data_tasks < 1:
             raise ConfigError(f"distributed.data_tasks must be >= 1, got {self.data_tasks}")
         if self.feature_actors < 0:

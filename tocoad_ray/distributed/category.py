@@ -48,8 +48,8 @@ from ..validation import (
 )
 from .features import extract_features
 from .progress import report_progress
-from .samples import SampleSpec, decode_images, image_store
-from .stages import STAGE_NAMES, run_stage, stage_fingerprint, use_gpu
+from .samples import SampleSpec, decode_images, image_store, local_image_store
+from .stages import STAGE_NAMES, run_stages, stage_fingerprint, use_gpu
 
 RESULT = "result.json"
 
@@ -87,39 +87,59 @@ def finished_result(out: Path, cfg: Config, data_root: str | Path, category: str
 
 
 def _mean_std(cfg: Config) -> tuple[list[float], list[float]]:
-    ex = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
-    return list(ex.mean), list(ex.std)
+    from ..models.backbone import normalisation
+
+    mean, std = normalisation(cfg.backbone.name)
+    return list(mean), list(std)
 
 
-def _stage(cfg: Config, stage: int, category: str, work: Path, store, n: int, spec: SampleSpec, storage: str,
-           board: str | None, log: Callable[[str], None], discriminator: dict | None = None,
-           validator=None, callbacks: list | None = None) -> dict[str, Any]:
-    """A stage's final state from ``work`` if it finished before, else from a TorchTrainer run."""
-    name = STAGE_NAMES[stage]
-    scfg = cfg.stage1 if stage == 1 else cfg.stage2
-    sdir = work / name
-    fp = stage_fingerprint(cfg, stage)
-    d_sha = _state_digest(discriminator) if discriminator is not None else None
-    try:
-        pointer = read_pointer(sdir)
-    except CheckpointError:
-        pointer = None
-    if pointer and pointer.get("fingerprint") == fp and pointer.get("discriminator") == d_sha \
-            and int(pointer["epoch"]) == scfg.epochs:
-        state, meta = load_checkpoint(sdir)
+def _train(cfg: Config, category: str, work: Path, store, n: int, mean, std, storage: str, board: str | None,
+           log: Callable[[str], None], validator=None, callbacks: list | None = None) -> dict[int, dict[str, Any]]:
+    """The enabled stages' final states: those that finished in an earlier run (``work/stage{1,2}``,
+    same configuration, stage II on the same D) are reused, the rest train in one TorchTrainer run
+    (stage I hands D to stage II inside it)."""
+    stages = [s for s in (1, 2) if (cfg.stage1 if s == 1 else cfg.stage2).enabled]
+    done: dict[int, dict[str, Any]] = {}
+    d_sha = None
+    for stage in stages:
+        name, scfg = STAGE_NAMES[stage], (cfg.stage1 if stage == 1 else cfg.stage2)
+        try:
+            pointer = read_pointer(work / name)
+        except CheckpointError:
+            pointer = None
+        if not (pointer and pointer.get("fingerprint") == stage_fingerprint(cfg, stage)
+                and pointer.get("discriminator") == d_sha and int(pointer["epoch"]) == scfg.epochs):
+            break
+        state, meta = load_checkpoint(work / name)
         log(f"{name}: finished before ({scfg.epochs} epochs), reused")
-        return {"state": state, "history": meta.get("history", []), "seconds": 0.0, "reused": True,
-                "best_epoch": meta.get("best_epoch")}
-    report_progress(board, category, stage=name, epoch=0, epochs=scfg.epochs)
-    res = run_stage(cfg, stage, category, store, n, spec, storage, discriminator_state=discriminator, progress=board,
-                    salt=d_sha, validator=validator, callbacks=callbacks)
-    save_checkpoint(sdir, res.state, {"stage": name, "fingerprint": fp, "discriminator": d_sha,
-                                      "history": res.history, "run": res.run_name, "best_epoch": res.best_epoch})
-    log(f"{name}: {len(res.history)} epochs in {res.seconds:.1f}s on {res.workers} workers"
-        + (f" (resumed after epoch {max(res.attempts_resumed)})" if max(res.attempts_resumed, default=0) else "")
-        + (f"; keeping epoch {res.best_epoch} (best validation score)" if res.best_epoch is not None else ""))
-    return {"state": res.state, "history": res.history, "seconds": res.seconds, "reused": False,
-            "resumed_from": res.attempts_resumed, "best_epoch": res.best_epoch}
+        done[stage] = {"state": state, "history": meta.get("history", []), "seconds": 0.0, "reused": True,
+                       "best_epoch": meta.get("best_epoch")}
+        if stage == 1:
+            d_sha = _state_digest(state["model"])
+    todo = [s for s in stages if s not in done]
+    if not todo:
+        return done
+    d_state = done[1]["state"]["model"] if 1 in done else None  # stage II alone, on the reused D
+    specs = {s: SampleSpec.build(cfg, s, mean, std, with_generator=1 in stages) for s in todo}
+    report_progress(board, category, stage=STAGE_NAMES[todo[0]], epoch=0,
+                    epochs=(cfg.stage1 if todo[0] == 1 else cfg.stage2).epochs)
+    res = run_stages(cfg, todo, category, store, n, specs, storage, discriminator_state=d_state, progress=board,
+                     salt=d_sha, validator=validator, callbacks=callbacks)
+    for stage in todo:
+        r, name = res[stage], STAGE_NAMES[stage]
+        fp = stage_fingerprint(cfg, stage)
+        save_checkpoint(work / name, r.state, {"stage": name, "fingerprint": fp, "discriminator": d_sha,
+                                               "history": r.history, "run": r.run_name, "best_epoch": r.best_epoch})
+        log(f"{name}: {len(r.history)} epochs, {r.seconds:.1f}s of training on {r.workers} workers"
+            + (f" (resumed after epoch {max(r.attempts_resumed)})" if max(r.attempts_resumed, default=0) else "")
+            + (f"; keeping epoch {r.best_epoch} (best validation score)" if r.best_epoch is not None else ""))
+        done[stage] = {"state": r.state, "history": r.history, "seconds": r.seconds, "reused": False,
+                       "resumed_from": r.attempts_resumed, "best_epoch": r.best_epoch}
+        if stage == 1:
+            d_sha = _state_digest(r.state["model"])
+    log(f"{' + '.join(STAGE_NAMES[s] for s in todo)}: {res[todo[-1]].run_seconds:.1f}s in one worker group "
+        f"(start-up included)")
+    return done
 
 
 def _state_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -329,25 +349,22 @@ def train_category(cfg: Config, data_root: str | Path, category: str, out: str |
         report_progress(board, category, stage="decode")
         t = time.perf_counter()
         mean, std = _mean_std(cfg)
-        store = image_store(decode_images(paths, cfg, mean, std, cfg.distributed.data_cpus, cfg.distributed.data_tasks),
-                            len(paths))
+        if len(paths) <= cfg.distributed.local_decode_max_images:
+            store = local_image_store(paths, cfg, mean, std)
+        else:
+            store = image_store(decode_images(paths, cfg, mean, std, cfg.distributed.data_cpus,
+                                              cfg.distributed.data_tasks), len(paths))
         timings["decode_s"] = time.perf_counter() - t
-        discriminator = None
-        if cfg.stage1.enabled:
-            r1 = _stage(cfg, 1, category, work, store, len(paths), SampleSpec.build(cfg, 1, mean, std), storage, board,
-                        say, validator=validator, callbacks=callbacks)
-            discriminator = r1["state"]["model"]
-            histories["stage1"], timings["stage1_s"] = r1["history"], r1["seconds"]
-            resumed["stage1"] = r1.get("resumed_from", [])
+        trained = _train(cfg, category, work, store, len(paths), mean, std, storage, board, say, validator=validator,
+                         callbacks=callbacks)
         best_epoch = None
-        if cfg.stage2.enabled:
-            spec2 = SampleSpec.build(cfg, 2, mean, std, with_generator=discriminator is not None)
-            r2 = _stage(cfg, 2, category, work, store, len(paths), spec2, storage, board, say, discriminator,
-                        validator=validator, callbacks=callbacks)
-            body = {k[2:]: v for k, v in r2["state"]["model"].items() if k.startswith("F.")}
-            histories["stage2"], timings["stage2_s"] = r2["history"], r2["seconds"]
-            resumed["stage2"] = r2.get("resumed_from", [])
-            best_epoch = r2.get("best_epoch")
+        for stage, r in trained.items():
+            name = STAGE_NAMES[stage]
+            histories[name], timings[f"{name}_s"] = r["history"], r["seconds"]
+            resumed[name] = r.get("resumed_from", [])
+        if 2 in trained:
+            body = {k[2:]: v for k, v in trained[2]["state"]["model"].items() if k.startswith("F.")}
+            best_epoch = trained[2].get("best_epoch")
         else:  # stage I only: F stays the pretrained one
             body = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg)).body.state_dict()
         body = {k: v.detach().cpu().contiguous() for k, v in body.items()}

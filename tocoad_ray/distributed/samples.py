@@ -159,6 +159,14 @@ def decode_images(paths: Sequence[str | Path], cfg: Config, mean: Sequence[float
                           batch_size=16, num_cpus=cpus, compute=TaskPoolStrategy(size=tasks)).materialize()
 
 
+def local_image_store(paths: Sequence[str | Path], cfg: Config, mean: Sequence[float], std: Sequence[float]):
+    """``image_store`` of images decoded in this process (a small training set: no Ray Data job)."""
+    import ray
+
+    pre = Preprocess(cfg.data, list(mean), list(std))
+    return ray.put([np.ascontiguousarray(img) for img in prepare_images([Path(p) for p in paths], pre)])
+
+
 def image_store(decoded, n_images: int):
     """ObjectRef to the decoded images as a list in row order (every row exactly once)."""
     import ray

@@ -11,6 +11,18 @@ from torch import nn
 from .weights import WeightsError, load_into, load_state_dict_file, resolve_pretrained, state_dict_sha256
 
 
+def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) F's input is normalised with, from timm's pretrained config (no model built)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:  # a name timm only knows through create_model: build the probe
+        cfg = timm.create_model(name, pretrained=False, features_only=True).pretrained_cfg
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, None) or d
+    return (tuple(float(v) for v in get("mean", (0.485, 0.456, 0.406))),
+            tuple(float(v) for v in get("std", (0.229, 0.224, 0.225))))
+
+
 class FeatureExtractor(nn.Module):
     """F(x) → {layer name: feature map}. ``weights``: "pretrained" | "random" | path to a state dict."""
 
