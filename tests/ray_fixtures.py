@@ -25,6 +25,7 @@ TINY = {
     "stage1.epochs": 2, "stage1.batch_size": 4, "stage1.max_steps_per_epoch": 2,
     "stage2.epochs": 2, "stage2.batch_size": 4, "stage2.max_steps_per_epoch": 1,
     "bank.batch_size": 4, "distributed.cpus_per_worker": 0.5, "distributed.data_cpus": 0.5,
+    "distributed.data_tasks": 1,  # one G process per worker: each new process costs seconds of imports
     "distributed.feature_actors": 0,  # the bank's features in the category task: no actor to start
     # ship the fine-tuned F without the validation contest (its own test: test_distributed_train.py)
     "distributed.select": "none",
