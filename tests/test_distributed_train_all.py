@@ -104,7 +104,8 @@ def test_interrupted_train_all_resumes(ray_local, data_root, tmp_path):  # noqa:
         cmd += ["--set", s]
 
     def interrupt_point() -> bool:  # a checkpoint registered by Ray Train (what a restart resumes)
-        return any(_registered_epoch(p) >= 1 for p in (out / "ray").glob("metal_plate-train-*/checkpoint_manager_snapshot.json"))
+        snapshots = (out / "ray").glob("metal_plate-train-*/checkpoint_manager_snapshot.json")
+        return any(_registered_epoch(p) >= 1 for p in snapshots)
 
     kill_when(cmd, interrupt_point, "the interrupt point (a registered checkpoint of metal_plate)")
     assert not (out / "work" / "metal_plate" / "result.json").exists()

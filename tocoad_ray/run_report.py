@@ -108,7 +108,8 @@ def write_run_report(out: Path, cfg: Config, results: dict[str, dict[str, Any]],
     report = {"order": order, "categories": {c: results[c] for c in order if c in results}, "wall_s": wall_s,
               "cluster": cluster, "config": cfg.to_dict(), "plots": plots}
     md = ["# train-all report\n", f"Wall time {wall_s:.1f} s on Ray ({cluster.get('address')}, "
-          f"{cluster.get('resources')}); method `{cfg.method}`, {cfg.distributed.num_workers} DDP workers per category (both stages), "
+          f"{cluster.get('resources')}); method `{cfg.method}`, "
+          f"{cfg.distributed.num_workers} DDP workers per category (both stages), "
           f"seed {cfg.seed}. Each method row stands next to the frozen-F PatchCore bank built in the same run "
           f"(Δ = method − PatchCore); test metrics of both, and which one the category ships "
           f"(`distributed.select: {cfg.distributed.select}`: the better validation score on held-out normal images "
