@@ -11,6 +11,10 @@ from torch import nn
 from .weights import WeightsError, load_into, load_state_dict_file, resolve_pretrained, state_dict_sha256
 
 
+# timm's own fallback when a model's pretrained config names no normalisation
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) F's input is normalised with, from timm's pretrained config (no model built)."""
     import timm
@@ -19,8 +23,7 @@ def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if cfg is None:  # a name timm only knows through create_model: build the probe
         cfg = timm.create_model(name, pretrained=False, features_only=True).pretrained_cfg
     get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, None) or d
-    return (tuple(float(v) for v in get("mean", (0.485, 0.456, 0.406))),
-            tuple(float(v) for v in get("std", (0.229, 0.224, 0.225))))
+    return (tuple(float(v) for v in get("mean", IMAGENET_MEAN)), tuple(float(v) for v in get("std", IMAGENET_STD)))
 
 
 class FeatureExtractor(nn.Module):
@@ -47,8 +50,8 @@ class FeatureExtractor(nn.Module):
         self.channels = {l: self.body.feature_info.channels()[names.index(l)] for l in self.layers}
         self.reductions = {l: self.body.feature_info.reduction()[names.index(l)] for l in self.layers}
         cfg = probe.pretrained_cfg
-        self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
         self.input_size = tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))
         self.weights_source = "random"
         if weights == "pretrained":
