@@ -1,14 +1,14 @@
 """FastAPI ingress of the scoring service and the application builder (``serve.app:build``).
 
-Request path: read the upload (byte limit) → decode (pixel limit, any mode → RGB) and preprocess
-with the product's artifact settings → Backbone deployment (batched, multiplexed per artifact) →
-eq. 8/9 and the anomaly map with the library's scoring functions over a ``ShardedSearch`` that
-fans out to the product's ``BankShard`` shards.
+Request path: read the upload (byte limit) → the Backbone deployment with the upload's bytes
+(batched across requests, multiplexed per artifact): decode (pixel limit, any mode → RGB) and
+preprocess with the product's artifact settings, F, one k-NN fan-out to the product's
+``BankShard`` shards, eq. 8/9 and the anomaly map → the answer. The ingress never runs a model and
+imports neither torch nor timm (exported models: it decodes with numpy for the EdgeScorer).
 """
 # no "from __future__ import annotations": FastAPI must see real types on the ingress methods
 
 import asyncio
-import base64
 import collections
 import hashlib
 import hmac
@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as Fn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -34,19 +32,14 @@ from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 
 from tocoad_ray import __version__
-from tocoad_ray.bank.scoring import anomaly_maps, score_patches
-from tocoad_ray.config import DataConfig, from_dict as cfg_from_dict
-from tocoad_ray.data import DataError, Preprocess
+from tocoad_ray.data import DataError
 from tocoad_ray.data.image_io import decode_image_bytes
 from tocoad_ray.drift import DriftWindow, reference_scores
-from tocoad_ray.visualize import encode_png, heatmap_overlay
 
-from .backbone import Backbone
-from .edge import EdgeScorer
 from .config import valid_product_name
 from .errors import ClientGone, ServeError, from_data_error
-from .registry import Registry, effective_config
-from .shards import BankShard, ServeShardClient, ShardedSearch
+from .results import downsample, result  # noqa: F401 - downsample: part of this module's interface
+from .sources import scoring_context
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -230,15 +223,6 @@ async def read_uploads(request: Request, limit: int, max_images: int, timeout_s:
     return out
 
 
-def downsample(amap: np.ndarray, size: int) -> np.ndarray:
-    """Area-average an [H, W] map to at most size x size cells (keeps the mean level, unlike striding)."""
-    h, w = amap.shape
-    if max(h, w) <= size:
-        return amap
-    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    return Fn.adaptive_avg_pool2d(t, (min(h, size), min(w, size)))[0, 0].numpy()
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -246,9 +230,9 @@ class Ingress:
         self.registry, self.backbone, self.shard, self.edge = registry, backbone, shard, edge
         self._snap: dict[str, Any] | None = None
         self._snap_t = 0.0
-        self._prep: dict[str, Any] = {}  # version -> Preprocess (torch) or ImagePreprocess (exported models)
-        # scoring waits on shard handles with .result(): keep it on threads, off the event loop
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="score")
+        self._prep: dict[str, Any] = {}  # version -> ImagePreprocess (exported models)
+        self._ctx: dict[str, tuple] = {}  # product -> (published version's key, its scoring context)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="decode")  # exported models' decode
         self.m_requests = metrics.Counter("tocoad_score_requests", "scoring requests by product and HTTP status",
                                           tag_keys=("product", "status"))
         self.m_errors = metrics.Counter("tocoad_score_errors", "failed scoring requests by product and error code",
@@ -290,13 +274,6 @@ class Ingress:
                                                                   "shortly", {"Retry-After": "2"}) from e
             self._snap_t = now
         return self._snap
-
-    def _preprocess(self, info: dict[str, Any]) -> Preprocess:
-        p = self._prep.get(info["sha"])
-        if p is None:
-            p = Preprocess(cfg_from_dict(DataConfig, info["data"]), info["mean"], info["std"])
-            self._prep = {**self._prep, info["sha"]: p} if len(self._prep) < 64 else {info["sha"]: p}
-        return p
 
     @staticmethod
     def _check_auth(request: Request, settings: dict[str, Any]) -> None:
@@ -441,12 +418,6 @@ class Ingress:
                                                          f"{st['message']}", retry)
         return info, snap["settings"]
 
-    def _prepare(self, info, settings, data: bytes) -> torch.Tensor:
-        try:
-            return self._preprocess(info).image(decode_image_bytes(data, settings["max_pixels"]))
-        except DataError as e:
-            raise from_data_error(e, settings["max_pixels"]) from e
-
     # -- products served from an exported model (runtime onnx / openvino) -------------------------
     def _edge_preprocess(self, info):
         """The model's own numpy preprocessing (as an edge box runs it)."""
@@ -474,12 +445,25 @@ class Ingress:
             t = np.clip(x * pre.std + pre.mean, 0.0, 1.0)
             return (t.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
 
-        return [self._result(info, score, lambda amap=amap: amap, lambda x=x: display(x), map_mode, threshold, settings)
+        return [result(info, score, lambda amap=amap: amap, lambda x=x: display(x), map_mode, threshold, settings)
                 for x, (score, amap) in zip(xs, scored)]
 
-    async def _embed(self, info, x: torch.Tensor):
-        return await self.backbone.options(multiplexed_model_id=info["backbone_id"]).embed.remote(
-            x.numpy(), info["model_source"])
+    def _context(self, info: dict[str, Any]) -> dict[str, Any]:
+        """The published version's scoring context, built once per version (not per request)."""
+        key = (info["sha"], info["threshold"], tuple(s["id"] for s in info["shards"]))
+        cur = self._ctx.get(info["name"])
+        if cur is None or cur[0] != key:
+            cur = (key, scoring_context(info))
+            self._ctx[info["name"]] = cur
+        return cur[1]
+
+    async def _score_remote(self, info, settings, data: bytes, map_mode, threshold) -> dict[str, Any]:
+        """One upload through the Backbone deployment; an image the client must fix raises its ServeError."""
+        out = await self.backbone.options(multiplexed_model_id=info["backbone_id"]).score.remote(
+            data, self._context(info), info["model_source"], map_mode, threshold, settings)
+        if "error" in out:
+            raise ServeError(out["status"], out["error"], out["detail"])
+        return out
 
     async def _score(self, product: str, request: Request, map_mode: str | None, threshold: float | None):
         info, settings = await self._product(product, request, map_mode, threshold)
@@ -491,10 +475,7 @@ class Ingress:
             scored = await self._score_edge(info, x)
             out = self._finish_edge(info, [x], [scored], map_mode, threshold, settings)
         else:
-            x = await loop.run_in_executor(self._pool, self._prepare, info, settings, data)
-            rows, grid = await self._embed(info, x)
-            out = await loop.run_in_executor(self._pool, self._finish, info, [x], [rows], grid, map_mode, threshold,
-                                             settings)
+            out = [await self._score_remote(info, settings, data, map_mode, threshold)]
         self._observe(info, settings, [out[0]["score"]])
         return out[0]
 
@@ -517,26 +498,33 @@ class Ingress:
             raise
         loop = asyncio.get_running_loop()
         results: list[dict[str, Any]] = [{"index": i, "filename": name} for i, (name, _) in enumerate(files)]
-        xs: dict[int, torch.Tensor] = {}
+        edge = info.get("runtime", "ray") != "ray"
+        todo: dict[int, Any] = {}  # index -> preprocessed array (exported models) or the upload's bytes
         for i, (_, data) in enumerate(files):
             try:
                 if len(data) > settings["max_upload_bytes"]:
                     raise ServeError(413, "payload_too_large", f"image of {len(data)} bytes exceeds the limit of "
                                                                f"{settings['max_upload_bytes']} bytes")
-                prepare = self._prepare if info.get("runtime", "ray") == "ray" else self._prepare_edge
-                xs[i] = await loop.run_in_executor(self._pool, prepare, info, settings, data)
+                todo[i] = await loop.run_in_executor(self._pool, self._prepare_edge, info, settings, data) if edge \
+                    else data
             except ServeError as e:
                 results[i].update(error=e.code, detail=e.detail)
         try:
-            good = sorted(xs)
-            if info.get("runtime", "ray") != "ray":  # the replica batches these into one graph run
-                edge = await asyncio.gather(*(self._score_edge(info, xs[i]) for i in good))
-                scored = self._finish_edge(info, [xs[i] for i in good], edge, map, threshold, settings)
-            else:
-                embedded = await asyncio.gather(*(self._embed(info, xs[i]) for i in good))
-                scored = await loop.run_in_executor(self._pool, self._finish, info, [xs[i] for i in good],
-                                                    [r for r, _ in embedded], embedded[0][1] if embedded else None,
-                                                    map, threshold, settings) if good else []
+            if edge:  # the replica batches these into one graph run
+                good = sorted(todo)
+                scored_edge = await asyncio.gather(*(self._score_edge(info, todo[i]) for i in good))
+                scored = self._finish_edge(info, [todo[i] for i in good], scored_edge, map, threshold, settings)
+            else:  # one call per image: the Backbone replica batches them (with other clients' images)
+                answers = await asyncio.gather(*(self.backbone.options(multiplexed_model_id=info["backbone_id"])
+                                                 .score.remote(todo[i], self._context(info), info["model_source"],
+                                                               map, threshold, settings) for i in sorted(todo)))
+                good, scored = [], []
+                for i, a in zip(sorted(todo), answers):
+                    if "error" in a:
+                        results[i].update(error=a["error"], detail=a["detail"])
+                    else:
+                        good.append(i)
+                        scored.append(a)
         except Exception as e:
             rid = request_id()
             log.error("request %s: batch scoring %r failed: %s: %s", rid, tag, type(e).__name__, e, exc_info=e)
@@ -610,46 +598,14 @@ class Ingress:
             raise ServeError(400, "invalid_product", "product names are letters, digits, '_', '.', '-' (max 64)")
         return self._answer(await self.registry.versions.remote(product))
 
-    def _finish(self, info, xs, rows_list, grid, map_mode, threshold, settings) -> list[dict[str, Any]]:
-        """Eq. 8/9 and the maps over the sharded bank for one or more images (one search fan-out) —
-        the same calls as MemoryBank.score/Detector.score."""
-        search = ShardedSearch([ServeShardClient(self.shard, s["id"], info["bank_source"]) for s in info["shards"]],
-                               [s["offset"] for s in info["shards"]], info["feature_dim"],
-                               approximate=info["index"] != "exact")
-        n = len(rows_list)
-        scores, s_prime = score_patches(search, np.concatenate(rows_list), n, info["num_neighbors"])
-        h, w = grid
-        pre = self._preprocess(info)
-        return [self._result(info, float(scores[j]),
-                             lambda j=j, x=x: anomaly_maps(s_prime[j * h * w:(j + 1) * h * w].reshape(1, h, w),
-                                                           x.shape[-1], info["blur_sigma"])[0],
-                             lambda x=x: pre.denormalize(x), map_mode, threshold, settings)
-                for j, x in enumerate(xs)]
-
-    @staticmethod
-    def _result(info, score: float, amap, image, map_mode, threshold, settings) -> dict[str, Any]:
-        """One image's answer; ``amap`` / ``image`` (display uint8) are computed only for a map."""
-        thr = float(threshold) if threshold is not None else info["threshold"]
-        o = {"product": info["name"], "score": score, "anomalous": bool(score >= thr), "threshold": thr,
-             "threshold_source": "request" if threshold is not None else info["threshold_source"],
-             "model_version": info["version"], "model_created": info["created"],
-             "shards": len(info["shards"]), "runtime": info.get("runtime", "ray")}
-        if map_mode in ("png", "array"):
-            m = amap()
-            if map_mode == "png":
-                o["map_png"] = base64.b64encode(encode_png(heatmap_overlay(image(), m, info["score_stats"],
-                                                                           thr))).decode()
-            else:
-                small = downsample(m, settings["map_array_size"])
-                o["map"] = np.round(small, 4).tolist()
-                o["map_shape"] = list(small.shape)
-                o["map_max"] = float(m.max())
-        return o
-
-
 def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None):
     """The Serve application: Ingress → (Registry, Backbone, BankShard, EdgeScorer), sized from the config."""
     args, overrides = dict(args or {}), dict(overrides or {})
+    from .backbone import Backbone  # the model side: imported where the app is built, not in the ingress
+    from .edge import EdgeScorer
+    from .registry import Registry, effective_config
+    from .shards import BankShard
+
     cfg = effective_config(args, overrides)
     logs = {"enable_access_log": bool(cfg.access_log)}
 
@@ -661,8 +617,8 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
             ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus})
 
     b, s, e = cfg.backbone, cfg.shards, cfg.edge
-    backbone = sized(Backbone, b).bind(b.max_batch_size, b.batch_wait_timeout_s, b.torch_threads)
     shard = sized(BankShard, s).bind()
+    backbone = sized(Backbone, b).bind(b.max_batch_size, b.batch_wait_timeout_s, b.torch_threads, shard)
     edge = sized(EdgeScorer, e).bind(e.max_batch_size, e.batch_wait_timeout_s, e.torch_threads)
     # the registry also writes feedback versions: long calls must not starve the snapshot calls
     registry = Registry.options(num_replicas=1, max_ongoing_requests=cfg.registry.max_ongoing_requests,

@@ -1,4 +1,10 @@
-"""Feature extraction (F [+ ReConPatch g] + patch aggregation) as an autoscaled, batched deployment.
+"""The model side of scoring as one autoscaled, batched deployment: decode → F [+ ReConPatch g] and
+patch aggregation → one k-NN fan-out to the product's ``BankShard`` shards → eq. 8/9 and the maps.
+
+Requests from many clients meet here: ``@serve.batch`` stacks their images into one forward pass
+and one search call per shard, so a single-image request costs what a batch row costs. The
+ingress sends the upload's bytes and gets the finished answer back: an image is decoded once, and
+neither images nor patch rows travel between deployments (only queries to the shards).
 
 Products may use different backbones, so each artifact version is one multiplexed model; Serve
 routes a product's requests to replicas that already hold its model, and ``@serve.batch`` splits
@@ -7,89 +13,75 @@ batches by multiplex id, so one forward pass never mixes models.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from ray import serve
 
-from tocoad_ray.artifact import ArtifactError, read_meta
-from tocoad_ray.config import Config, from_dict
+from tocoad_ray.artifact import ArtifactError
+from tocoad_ray.bank.scoring import anomaly_maps, score_patches
+from tocoad_ray.config import Config, DataConfig, from_dict
+from tocoad_ray.data import DataError, Preprocess
+from tocoad_ray.data.image_io import decode_image_bytes
 from tocoad_ray.models.backbone import FeatureExtractor, resolve_device
-from tocoad_ray.patch_model import PatchModel, load_adapter
+from tocoad_ray.patch_model import PatchModel
 
-from .shards import meta_sha
+from .errors import ServeError, from_data_error
+from .results import result
+from .shards import ServeShardClient, ShardedSearch
 from .sources import remember
 
 
-def backbone_id(artifact: str, sha: str) -> str:
-    return f"{artifact}|{sha}"
+def model_from_source(source: dict[str, Any], device: str | None = None) -> PatchModel:
+    """The PatchModel of an artifact version from its verified bytes (``sources.model_source``):
+    the same construction and weights check as ``tocoad_ray.pipeline.load_detector``."""
+    from safetensors.torch import load as load_safetensors
 
-
-def load_patch_model(mid: str, device: str | None = None) -> PatchModel:
-    """The PatchModel of an artifact version from disk: the same construction and weights check
-    as ``tocoad_ray.pipeline.load_detector``, without loading the bank."""
-    artifact, sha = mid.rsplit("|", 1)
-    meta = read_meta(artifact, verify=True)
-    if meta_sha(artifact) != sha:
-        raise ArtifactError(f"{artifact} changed on disk since version {sha[:12]} was published")
-    cfg = from_dict(Config, meta["config"])
-    bb = meta["backbone"]
-    weights = str(Path(artifact) / "backbone.safetensors") if bb.get("fine_tuned") else cfg.backbone.weights
-    extractor = FeatureExtractor(bb["name"], bb["layers"], weights)
-    if extractor.weights_sha256 != bb["weights_sha256"]:
-        raise ArtifactError(f"{artifact}: backbone weights sha256 {extractor.weights_sha256[:12]}… differ from the "
-                            f"{bb['weights_sha256'][:12]}… the bank was built with")
-    ap = Path(artifact) / "adapter.safetensors"
-    adapter = load_adapter(ap) if ap.is_file() else None
-    return PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=resolve_device(device or cfg.bank.device),
-                      fast=cfg.backbone.fast_inference)
-
-
-def model_bundle(model: PatchModel, device: str) -> dict:
-    """A verified PatchModel as plain arrays, for the object store: a replica that starts later
-    rebuilds exactly this version, whatever happened to the files since."""
-    ex = model.extractor
-    return {"name": ex.name, "layers": list(ex.layers), "patch_size": model.patch_size, "device": device,
-            "fast": model.fast,
-            "weights_sha256": ex.weights_sha256,
-            "body": {k: v.detach().cpu().numpy() for k, v in ex.body.state_dict().items()},
-            "adapter": None if model.adapter is None else
-            {k: v.detach().cpu().numpy() for k, v in model.adapter.state_dict().items()}}
-
-
-def model_from_bundle(bundle: dict) -> PatchModel:
     from tocoad_ray.models.reconpatch import PatchAdapter
     from tocoad_ray.models.weights import load_into
 
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
-        extractor = FeatureExtractor(bundle["name"], bundle["layers"], "random")
-    load_into(extractor.body, {k: torch.from_numpy(np.array(v)) for k, v in bundle["body"].items()}, "object store")
-    if extractor.refresh_checksum() != bundle["weights_sha256"]:
-        raise ArtifactError("backbone weights from the object store do not match their checksum")
-    adapter = None if bundle["adapter"] is None else PatchAdapter.from_state_dict(
-        {k: torch.from_numpy(np.array(v)) for k, v in bundle["adapter"].items()})
-    return PatchModel(extractor, bundle["patch_size"], adapter=adapter, device=resolve_device(bundle["device"]),
-                      fast=bundle.get("fast", False))
+    cfg = from_dict(Config, source["config"])
+    bb, files = source["backbone"], source["files"]
+    if bb.get("fine_tuned"):
+        if "backbone.safetensors" not in files:
+            raise ArtifactError("artifact file missing: backbone.safetensors (the fine-tuned F)")
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
+            extractor = FeatureExtractor(bb["name"], bb["layers"], "random")
+        load_into(extractor.body, load_safetensors(files["backbone.safetensors"]), "backbone.safetensors")
+        extractor.refresh_checksum()
+    else:
+        extractor = FeatureExtractor(bb["name"], bb["layers"], cfg.backbone.weights)
+    if extractor.weights_sha256 != bb["weights_sha256"]:
+        raise ArtifactError(f"backbone weights sha256 {extractor.weights_sha256[:12]}… differ from the "
+                            f"{bb['weights_sha256'][:12]}… the bank was built with")
+    adapter = None
+    if "adapter.safetensors" in files:
+        adapter = PatchAdapter.from_state_dict(load_safetensors(files["adapter.safetensors"]))
+    return PatchModel(extractor, cfg.bank.patch_size, adapter=adapter,
+                      device=resolve_device(device or cfg.bank.device), fast=cfg.backbone.fast_inference)
 
 
 @serve.deployment(name="Backbone")
 class Backbone:
-    """[3, S, S] normalised image → patch rows [h·w, d] and grid (h, w); requests are batched."""
+    """Upload bytes → the image's answer (score, decision, map); requests are batched."""
 
-    def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, torch_threads: int = 0):
+    def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, torch_threads: int = 0,
+                 shard=None):
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self._embed_batch.set_max_batch_size(max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.shard = shard
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
-        self._sources: dict = {}  # multiplex id -> ObjectRef of its model bundle
+        self._sources: dict = {}  # multiplex id -> ObjectRef of its model source
+        self._prep: dict[str, Preprocess] = {}  # version sha -> its preprocessing
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, mid: str) -> PatchModel:
         # the version the registry verified and put in the object store (never re-read from disk)
-        bundle = await self._sources[mid]
-        return await asyncio.to_thread(model_from_bundle, bundle)
+        source = await self._sources[mid]
+        return await asyncio.to_thread(model_from_source, source)
 
     def _remember(self, mid: str, source: list) -> None:
         remember(self._sources, mid, source[0])  # [ObjectRef]: the list keeps Ray from resolving it in transit
@@ -101,18 +93,59 @@ class Backbone:
         model = await self.get_model(mid)
         return {"device": str(model.device)}
 
-    async def embed(self, image: np.ndarray, source: list) -> tuple[np.ndarray, tuple[int, int]]:
+    def _preprocess(self, ctx: dict[str, Any]) -> Preprocess:
+        p = self._prep.get(ctx["sha"])
+        if p is None:
+            p = Preprocess(from_dict(DataConfig, ctx["data"]), ctx["mean"], ctx["std"])
+            self._prep = {**self._prep, ctx["sha"]: p} if len(self._prep) < 64 else {ctx["sha"]: p}
+        return p
+
+    def _decode(self, data: bytes, ctx: dict[str, Any], max_pixels: int) -> torch.Tensor:
+        try:
+            return self._preprocess(ctx).image(decode_image_bytes(data, max_pixels))
+        except DataError as e:
+            raise from_data_error(e, max_pixels) from e
+
+    async def score(self, data: bytes, ctx: dict[str, Any], source: list, map_mode: str | None,
+                    threshold: float | None, settings: dict[str, Any]) -> dict[str, Any]:
+        """One upload → its answer, or ``{"error": code, "status": s, "detail": d}`` for an image
+        the client must fix (so no exception crosses the deployment boundary for bad input)."""
         self._remember(serve.get_multiplexed_model_id(), source)
-        return await self._embed_batch(image)
+        try:
+            x = await asyncio.to_thread(self._decode, data, ctx, settings["max_pixels"])
+        except ServeError as e:
+            return {"error": e.code, "status": e.status, "detail": e.detail}
+        return await self._score_batch((x, ctx, map_mode, threshold, settings))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    async def _score_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
         model = await self.get_model(serve.get_multiplexed_model_id())  # one id per batch
-        x = torch.from_numpy(np.stack(images))
-        self.batch_sizes = (self.batch_sizes + [len(images)])[-1000:]
-        rows, (h, w) = await asyncio.to_thread(model.embed, x)
+        self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
+        return await asyncio.to_thread(self._answer, model, items)
+
+    def _answer(self, model: PatchModel, items: list[tuple]) -> list[dict[str, Any]]:
+        """One forward pass for the batch, one search fan-out per product version in it."""
+        rows, (h, w) = model.embed(torch.stack([x for x, *_ in items]))
         P = h * w
-        return [(rows[j * P:(j + 1) * P], (h, w)) for j in range(len(images))]
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}  # products sharing an artifact may differ in shards
+        for j, (_, ctx, *_rest) in enumerate(items):
+            groups.setdefault((ctx["name"], ctx["sha"], tuple(s["id"] for s in ctx["shards"])), []).append(j)
+        for idx in groups.values():
+            ctx = items[idx[0]][1]
+            search = ShardedSearch([ServeShardClient(self.shard, s["id"], ctx["bank_source"]) for s in ctx["shards"]],
+                                   [s["offset"] for s in ctx["shards"]], ctx["feature_dim"],
+                                   approximate=ctx["index"] != "exact")
+            q = np.concatenate([rows[j * P:(j + 1) * P] for j in idx])
+            scores, s_prime = score_patches(search, q, len(idx), ctx["num_neighbors"])
+            pre = self._preprocess(ctx)
+            for n, j in enumerate(idx):
+                x, _, map_mode, threshold, settings = items[j]
+                out[j] = result(ctx, float(scores[n]),
+                                lambda n=n, x=x: anomaly_maps(s_prime[n * P:(n + 1) * P].reshape(1, h, w),
+                                                              x.shape[-1], ctx["blur_sigma"])[0],
+                                lambda x=x: pre.denormalize(x), map_mode, threshold, settings)
+        return out
 
     async def stats(self) -> dict:
         bs = self.batch_sizes

@@ -27,11 +27,11 @@ from tocoad_ray.artifact import read_meta
 from tocoad_ray.artifact_versions import current_dir, current_version
 from tocoad_ray.errors import ArtifactError, DataError
 
-from .backbone import backbone_id, load_patch_model, model_bundle
 from .edge import edge_model_id, files_sha, model_files
 from .config import ServeConfig, from_dict, read_yaml_args, resolve_products
 from .errors import from_data_error, load_failure_kind
 from .shards import meta_sha, read_bank, shard_bounds, shard_id
+from .sources import backbone_id, model_source
 
 log = logging.getLogger("ray.serve")
 
@@ -165,13 +165,13 @@ class Registry:
 
         meta = read_meta(artifact, verify=True)
         bid = backbone_id(artifact, sha)
-        model = load_patch_model(bid, device="cpu")
+        model = model_source(artifact, meta)  # bytes checked here; the Backbone replica checks F's digest
         bank, index = read_bank(artifact, sha)
         if meta_sha(artifact) != sha:
             raise RuntimeError("artifact changed while loading; retrying on the next poll")
         cfg = meta["config"]
         # the verified version goes to the object store; replicas (also restarted ones) load it from there
-        model_src = [ray.put(model_bundle(model, cfg["bank"].get("device", "auto")))]
+        model_src = [ray.put(model)]
         bank_src = [ray.put(np.ascontiguousarray(bank)), index]
         del model, bank
         bounds = shard_bounds(int(meta["bank_size"]), shards)
@@ -286,11 +286,28 @@ class Registry:
         return {**res, "product": name, **self._published(name, res["version"])}
 
     async def feedback(self, name: str, files: list, force: bool = False) -> dict[str, Any]:
-        """Add images marked normal to the product's bank as a new version and publish it."""
-        from tocoad_ray.bank.feedback import add_normal_images
+        """Add images marked normal to the product's bank as a new version and publish it. The
+        images are scored and the bank re-fitted in a Ray task beside this replica (a process with
+        the model): the registry itself never imports torch."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return await asyncio.to_thread(self._write, name, lambda root: add_normal_images(
-            root, files, force=force, max_pixels=self.cfg.max_pixels))
+        from tocoad_ray.bank.feedback import FeedbackRefused
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        task = ray.remote(num_cpus=0, max_retries=0)(feedback_task).options(scheduling_strategy=here)
+
+        def run(root: str) -> dict[str, Any]:
+            r = ray.get(task.remote(root, files, bool(force), self.cfg.max_pixels))
+            if "refused" in r:
+                raise FeedbackRefused(r["refused"], r["images"])
+            if "data_error" in r:
+                raise DataError(r["data_error"])
+            if "artifact_error" in r:
+                raise ArtifactError(r["artifact_error"])
+            return r["ok"]
+
+        return await asyncio.to_thread(self._write, name, run)
 
     async def rollback(self, name: str, version: int) -> dict[str, Any]:
         from tocoad_ray.artifact_versions import rollback
@@ -328,6 +345,20 @@ class Registry:
 
     def __del__(self):
         self._stop.set()
+
+
+def feedback_task(root: str, files: list, force: bool, max_pixels: int) -> dict[str, Any]:
+    """``add_normal_images`` as a Ray task; its errors come back as data, rebuilt by the registry."""
+    from tocoad_ray.bank.feedback import FeedbackRefused, add_normal_images
+
+    try:
+        return {"ok": add_normal_images(root, files, force=force, max_pixels=max_pixels)}
+    except FeedbackRefused as e:
+        return {"refused": str(e), "images": e.refused}
+    except DataError as e:
+        return {"data_error": str(e)}
+    except ArtifactError as e:
+        return {"artifact_error": str(e)}
 
 
 def version_fields(name: str, artifact: str, sha: str, meta: dict[str, Any], threshold: float | None

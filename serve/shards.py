@@ -18,7 +18,7 @@ from ray import serve
 
 from tocoad_ray.artifact import ArtifactError, load_tensors, read_meta
 from tocoad_ray.bank.knn import KNNIndex, faiss_gpu_available
-from tocoad_ray.bank.memory_bank import bank_from_tensors
+from tocoad_ray.bank.bank_format import bank_arrays
 from tocoad_ray.bank.quantize import SQ8
 
 from .sources import remember
@@ -69,13 +69,13 @@ def read_bank(artifact: str, sha: str) -> tuple[np.ndarray, dict[str, Any]]:
     index = {"faiss_gpu": bool(b.get("faiss_gpu", True)), "kind": b.get("search", "exact"),
              "nlist": int(b.get("ivf_nlist", 0)), "nprobe": int(b.get("ivf_nprobe", 32))}
     try:  # the same format checks as load_detector
-        bank = bank_from_tensors(load_tensors(Path(artifact) / "bank.safetensors"), meta.get("bank_format", "float32"),
-                                 int(meta["feature_dim"]), f"{artifact}/bank.safetensors", search="exact")
+        bank, _, sq8 = bank_arrays(load_tensors(Path(artifact) / "bank.safetensors"), meta.get("bank_format", "float32"),
+                                   int(meta["feature_dim"]), f"{artifact}/bank.safetensors")
     except ValueError as e:
         raise ArtifactError(str(e)) from e
-    if bank.sq8 is not None:
-        index["sq8_trained"] = bank.sq8.trained
-    return bank.bank, index
+    if sq8 is not None:
+        index["sq8_trained"] = sq8.trained
+    return np.ascontiguousarray(bank), index
 
 
 def load_shard(bank: np.ndarray, index: dict[str, Any], i: int, n: int) -> LoadedShard:

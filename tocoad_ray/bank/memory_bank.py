@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .bank_format import bank_arrays
 from .coreset import greedy_coreset
 from .knn import KNNIndex
 from .scoring import reweighted_image_scores, score_patches
@@ -101,26 +102,7 @@ def bank_tensors(bank: MemoryBank) -> dict[str, np.ndarray]:
 
 
 def bank_from_tensors(tensors: dict[str, np.ndarray], fmt: str, dim: int, where: str, **index) -> MemoryBank:
-    """The inverse of ``bank_tensors``; ``fmt`` (float32 | sq8) and ``dim`` come from meta.json and
-    must agree with the file (ValueError naming ``where`` otherwise)."""
-    from .quantize import SQ8
-
-    key = {"float32": "bank", "sq8": "bank_codes"}.get(fmt)
-    if key is None:
-        raise ValueError(f"{where}: unknown bank format {fmt!r} (expected float32 or sq8)")
-    if key not in tensors:
-        raise ValueError(f"{where}: metadata says a {fmt} bank but the file holds {sorted(tensors)}")
-    arr = tensors[key]
-    want = np.uint8 if fmt == "sq8" else np.float32
-    if arr.ndim != 2 or arr.dtype != want:
-        raise ValueError(f"{where}: {key} is {arr.dtype} {arr.shape}, metadata says a {fmt} [M, d] bank")
-    if arr.shape[1] != dim:
-        raise ValueError(f"{where}: bank has {arr.shape[1]} dims, metadata says {dim}")
-    sq = None
-    if fmt == "sq8":
-        trained = tensors.get("sq8_trained")
-        if trained is None or trained.shape != (2 * dim,):
-            raise ValueError(f"{where}: an sq8 bank needs sq8_trained of shape ({2 * dim},)")
-        sq = SQ8(np.asarray(trained, dtype=np.float32))
-    return MemoryBank(arr, tensors.get("source_image"), sq8=sq, **index)
+    """The inverse of ``bank_tensors`` (checks: ``bank_format.bank_arrays``)."""
+    arr, source_image, sq = bank_arrays(tensors, fmt, dim, where)
+    return MemoryBank(arr, source_image, sq8=sq, **index)
 
