@@ -1,12 +1,15 @@
 """Load test of the Serve scoring service on this machine (127.0.0.1 only, bounded).
 
-Starts a local Ray + the service for one artifact (S bank shards), then for each concurrency level
-sends a fixed number of requests (asyncio + httpx) under a time cap and reports throughput,
-p50/p95/p99 latency and errors; repeats one level while killing a BankShard replica (ray.kill)
-mid-run, reporting errors and time to recovery; finally measures the ceiling, the raw batched
-backbone forward (PatchModel.embed) in this process. One JSON line per measurement.
+For each bank search (exact, IVF: copies of one artifact that differ only in ``bank.search``):
+the in-process ceiling first, the library scoring the same images (decode + preprocess +
+``Detector.score`` at batch 16, one process, all cores); then a local Ray + the service for that
+artifact (S bank shards), single-image requests at each concurrency level and batch requests of
+16 images, each level a fixed number of requests (asyncio + httpx) under a time cap: throughput,
+share of the ceiling, p50/p95/p99 latency, errors; the resident memory of every Serve process by
+deployment; optionally (``--kill``) one level while a BankShard replica is killed (errors, time to
+recovery). One JSON line per measurement.
 
-    python bench/serve_load.py --artifact /tmp/serve_art/bottle --shards 3
+    python bench/serve_load.py --artifact runs/bench_scoring/mvtec_ad_bottle
 """
 from __future__ import annotations
 
@@ -15,16 +18,21 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import sys
+import tempfile
 import threading
+import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _pct(lat: list[float], q: float) -> float | None:
@@ -70,6 +78,40 @@ async def load_level(url: str, product: str, bodies: list[bytes], n: int, concur
             "_t_ok": t_ok}
 
 
+async def batch_level(url: str, product: str, bodies: list[bytes], n: int, per_request: int, concurrency: int,
+                      cap_s: float) -> dict:
+    """``n`` batch requests of ``per_request`` images each (multipart ``files``), ``concurrency`` in flight."""
+    import httpx
+
+    lat, errors, images, nxt = [], 0, 0, 0
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        async def worker():
+            nonlocal nxt, errors, images
+            while nxt < n and time.perf_counter() - t0 < cap_s:
+                i = nxt
+                nxt += 1
+                files = [("files", (f"{i}_{j}.png", bodies[(i * per_request + j) % len(bodies)], "image/png"))
+                         for j in range(per_request)]
+                t = time.perf_counter()
+                try:
+                    r = await c.post(f"/v1/products/{product}/score-batch", files=files)
+                    ok = r.status_code == 200 and r.json()["n_failed"] == 0
+                except Exception:
+                    ok = False
+                if ok:
+                    lat.append(time.perf_counter() - t)
+                    images += per_request
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"route": "score-batch", "images_per_request": per_request, "concurrency": concurrency, "sent": nxt,
+            "ok": len(lat), "errors": errors, "wall_s": round(wall, 2), "images_per_s": round(images / wall, 2),
+            "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99)}
+
+
 def request_bodies(folder: str, n: int = 32) -> list[bytes]:
     """The bytes of the first ``n`` images under ``folder`` (searched recursively), to send as requests."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -106,41 +148,57 @@ def kill_one_shard() -> str:
 
 
 def ceiling(artifact: str, bodies: list[bytes], batch: int, seconds: float) -> dict:
-    """Images/s of the raw batched backbone forward (no HTTP, no Ray, no bank search)."""
+    """Images/s of the library in this process: decode + preprocess + ``Detector.score`` (F, the
+    bank search, eq. 9, the maps) over batches of ``batch`` images (no HTTP, no Ray)."""
     import torch
 
     from tocoad_ray.data.image_io import decode_image_bytes
     from tocoad_ray.pipeline import load_detector
 
     det = load_detector(artifact)
-    xs = torch.stack([det.preprocess.image(decode_image_bytes(b)) for b in bodies[:batch]])
-    while len(xs) < batch:
-        xs = torch.cat([xs, xs])[:batch]
-    det.model.embed(xs)  # warm-up at the measured batch size
+
+    def one_batch(i: int) -> None:
+        chunk = [bodies[(i + j) % len(bodies)] for j in range(batch)]
+        det.score(torch.stack([det.preprocess.image(decode_image_bytes(b)) for b in chunk]))
+
+    one_batch(0)  # warm-up at the measured batch size
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        det.model.embed(xs)
+        one_batch(n)
         n += batch
     wall = time.perf_counter() - t0
-    return {"bench": "backbone_ceiling", "batch": batch, "images": n, "wall_s": round(wall, 2),
-            "images_per_s": round(n / wall, 2), "torch_threads": torch.get_num_threads()}
+    return {"bench": "library_ceiling", "search": det.cfg.bank.search, "batch": batch, "images": n,
+            "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2), "torch_threads": torch.get_num_threads()}
+
+
+def with_search(artifact: str, search: str, tmp: Path) -> str:
+    """A copy of ``artifact`` whose config asks for ``search`` (meta.json is not among its own
+    checksummed files, so the copy verifies)."""
+    dst = tmp / f"{Path(artifact).name}-{search}"
+    shutil.copytree(artifact, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    meta["config"]["bank"]["search"] = search
+    (dst / "meta.json").write_text(json.dumps(meta, indent=1))
+    return str(dst)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifact", default="/tmp/serve_art/bottle")
+    ap.add_argument("--artifact", default=str(ROOT / "runs/bench_scoring/mvtec_ad_bottle"))
     ap.add_argument("--images", default=str(ROOT.parent / "shared/data/mvtec_ad/bottle/test"),
                     help="folder of images to send (searched recursively)")
-    ap.add_argument("--shards", type=int, default=3)
-    ap.add_argument("--concurrency", default="1,4,16")
-    ap.add_argument("--requests", type=int, default=64, help="requests per level")
+    ap.add_argument("--searches", default="exact,ivf", help="comma-separated bank searches to serve in turn")
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=128, help="single-image requests per level")
+    ap.add_argument("--batch-requests", type=int, default=12, help="batch requests (16 images each) per level")
     ap.add_argument("--time-cap", type=float, default=60.0, help="seconds per level at most")
+    ap.add_argument("--kill", action="store_true", help="also a level while a BankShard replica is killed")
     ap.add_argument("--kill-concurrency", type=int, default=4)
-    ap.add_argument("--no-kill", action="store_true")
-    ap.add_argument("--ceiling-batch", default="1,8", help="comma-separated batch sizes")
-    ap.add_argument("--ceiling-seconds", type=float, default=15.0)
+    ap.add_argument("--ceiling-batch", type=int, default=16)
+    ap.add_argument("--ceiling-seconds", type=float, default=20.0)
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray")
-    ap.add_argument("--backbone-max-replicas", type=int, default=2)
+    ap.add_argument("--backbone-max-replicas", type=int, default=1)
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -148,49 +206,74 @@ def main() -> int:
     from ray import serve
 
     from serve.app import build_app
+    from serve.cli import proxy_logging
+    from serve_autoscale import serve_rss
 
     bodies = request_bodies(args.images)
-    url, port = loopback_url()
-    svc = {"products": [{"name": "p", "artifact": args.artifact, "shards": args.shards}], "poll_interval_s": 5.0,
-           "backbone": {"num_cpus": 0.5, "min_replicas": 1, "max_replicas": args.backbone_max_replicas,
-                        "target_ongoing_requests": 4, "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
-           "shards": {"num_cpus": 0.25, "min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 8},
-           "ingress": {"num_cpus": 0.25}, "registry": {"num_cpus": 0.1}}
-    settings = {"artifact": args.artifact, "shards": args.shards, "requests": args.requests,
-                "time_cap_s": args.time_cap, "images": len(bodies), "host": platform.node(),
-                "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "service": svc}
-    print(json.dumps({"bench": "settings", **settings}), flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print(json.dumps({"bench": "settings", "commit": commit, "artifact": args.artifact, "shards": args.shards,
+                      "requests": args.requests, "time_cap_s": args.time_cap, "images": len(bodies),
+                      "host": platform.node(), "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus}), flush=True)
+    try:
+        for search in args.searches.split(","):
+            art = with_search(args.artifact, search, tmp)
+            ceil = ceiling(art, bodies, args.ceiling_batch, args.ceiling_seconds)
+            print(json.dumps({**ceil, "when": "before"}), flush=True)
+            serve_once(art, search, args, bodies, ceil["images_per_s"], ray, serve, build_app, proxy_logging,
+                       serve_rss)
+            print(json.dumps({**ceiling(art, bodies, args.ceiling_batch, args.ceiling_seconds), "when": "after"}),
+                  flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
-    # the ceiling before and after the service runs brackets other jobs' load on a shared machine
-    for b in map(int, args.ceiling_batch.split(",")):
-        print(json.dumps({**ceiling(args.artifact, bodies, b, args.ceiling_seconds), "when": "before"}), flush=True)
+
+def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_logging, serve_rss) -> None:
+    """The service for one artifact: single-image levels, batch levels, memory, optionally the kill."""
+    url, port = loopback_url()
+    svc = {"products": [{"name": "p", "artifact": art, "shards": args.shards}], "poll_interval_s": 5.0,
+           # the service's defaults, but one replica each: on 2 cores a second one adds no compute
+           "backbone": {"min_replicas": 1, "max_replicas": args.backbone_max_replicas},
+           "shards": {"min_replicas": 1, "max_replicas": 1}}
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=300 << 20, log_to_driver=False)
     try:
         import httpx
 
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=proxy_logging(SimpleNamespace(access_log=False)))
         t = time.perf_counter()
         serve.run(build_app(svc), name="tocoad", route_prefix="/")
         for _ in range(240):
             if httpx.get(url + "/v1/products").json()["products"]:
                 break
             time.sleep(0.5)
-        print(json.dumps({"bench": "startup", "seconds": round(time.perf_counter() - t, 1)}), flush=True)
-        asyncio.run(load_level(url, "p", bodies, 8, 4, 60))  # warm-up: lazy imports, first batches
+        print(json.dumps({"bench": "startup", "search": search, "seconds": round(time.perf_counter() - t, 1)}),
+              flush=True)
+        asyncio.run(load_level(url, "p", bodies, 16, 4, 60))  # warm-up: lazy imports, first batches
 
         for c in [int(x) for x in args.concurrency.split(",")]:
             res = asyncio.run(load_level(url, "p", bodies, args.requests, c, args.time_cap))
             res.pop("_t_ok")
-            print(json.dumps({"bench": "serve_load", **res, "shards": args.shards}), flush=True)
+            print(json.dumps({"bench": "serve_load", "route": "score", "search": search, **res,
+                              "of_ceiling": round(res["throughput_rps"] / ceil, 3),
+                              "p99_over_p50": round(res["p99_ms"] / res["p50_ms"], 2) if res["p50_ms"] else None,
+                              "shards": args.shards}), flush=True)
+        for c in (1, 4):
+            res = asyncio.run(batch_level(url, "p", bodies, args.batch_requests, 16, c, args.time_cap))
+            print(json.dumps({"bench": "serve_load", "search": search, **res,
+                              "of_ceiling": round(res["images_per_s"] / ceil, 3), "shards": args.shards}), flush=True)
+        rss = serve_rss()
+        print(json.dumps({"bench": "serve_rss", "search": search,
+                          "total_mb": round(sum(v["rss_mb"] for v in rss.values()), 1), "by_deployment": rss}),
+              flush=True)
 
-        if not args.no_kill:
+        if args.kill:
             n = args.requests
             killed: dict = {}
 
             def progress(sent):
                 if sent >= n // 4 and not killed:
                     killed["t"] = time.perf_counter()
-                    killed["t_rel"] = None
                     # kill from a thread so the event loop keeps sending
                     threading.Thread(target=lambda: killed.update(name=kill_one_shard()), daemon=True).start()
 
@@ -200,30 +283,19 @@ def main() -> int:
             t_kill = killed.get("t", t0) - t0
             after = [x for x in t_ok if x > t_kill]
             gaps = np.diff([t_kill] + after) if after else []
-            before = 2  # svc shards.min_replicas
             t_rec = time.perf_counter()
-            while len(shard_replicas()) < before and time.perf_counter() - t_rec < 60:
+            while len(shard_replicas()) < 1 and time.perf_counter() - t_rec < 60:
                 time.sleep(0.25)
-            snap = {"shard_replicas_after": len(shard_replicas()),
-                    "replica_replaced_after_kill_s": round(time.perf_counter() - killed.get("t", t0), 1)}
-            print(json.dumps({"bench": "serve_load_kill_shard", **res, "shards": args.shards,
-                              "killed": killed.get("name"), "kill_at_s": round(t_kill, 2),
-                              "ok_after_kill": len(after),
+            print(json.dumps({"bench": "serve_load_kill_shard", "search": search, **res, "killed": killed.get("name"),
+                              "kill_at_s": round(t_kill, 2), "ok_after_kill": len(after),
                               "longest_gap_after_kill_s": round(float(max(gaps)), 2) if len(gaps) else None,
-                              **snap}), flush=True)
-            # recovered? a second short level after the kill
-            res = asyncio.run(load_level(url, "p", bodies, n // 2, args.kill_concurrency, args.time_cap))
-            res.pop("_t_ok")
-            print(json.dumps({"bench": "serve_load_after_recovery", **res, "shards": args.shards,
-                              "shard_replicas": len(shard_replicas())}), flush=True)
+                              "replica_replaced_after_kill_s": round(time.perf_counter() - killed.get("t", t0), 1)}),
+                  flush=True)
     finally:
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
-    for b in map(int, args.ceiling_batch.split(",")):
-        print(json.dumps({**ceiling(args.artifact, bodies, b, args.ceiling_seconds), "when": "after"}), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -514,10 +514,10 @@ class Ingress:
                 good = sorted(todo)
                 scored_edge = await asyncio.gather(*(self._score_edge(info, todo[i]) for i in good))
                 scored = self._finish_edge(info, [todo[i] for i in good], scored_edge, map, threshold, settings)
-            else:  # one call per image: the Backbone replica batches them (with other clients' images)
-                answers = await asyncio.gather(*(self.backbone.options(multiplexed_model_id=info["backbone_id"])
-                                                 .score.remote(todo[i], self._context(info), info["model_source"],
-                                                               map, threshold, settings) for i in sorted(todo)))
+            else:  # one call: the Backbone replica batches the images (with other clients' ones)
+                answers = await self.backbone.options(multiplexed_model_id=info["backbone_id"]).score_many.remote(
+                    [todo[i] for i in sorted(todo)], self._context(info), info["model_source"], map, threshold,
+                    settings) if todo else []
                 good, scored = [], []
                 for i, a in zip(sorted(todo), answers):
                     if "error" in a:
@@ -617,7 +617,7 @@ def build_app(args: dict[str, Any] | None = None, overrides: dict[str, Any] | No
             ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus})
 
     b, s, e = cfg.backbone, cfg.shards, cfg.edge
-    shard = sized(BankShard, s).bind()
+    shard = sized(BankShard, s).bind(s.faiss_threads)
     backbone = sized(Backbone, b).bind(b.max_batch_size, b.batch_wait_timeout_s, b.torch_threads, shard)
     edge = sized(EdgeScorer, e).bind(e.max_batch_size, e.batch_wait_timeout_s, e.torch_threads)
     # the registry also writes feedback versions: long calls must not starve the snapshot calls

@@ -13,6 +13,8 @@ batches by multiplex id, so one forward pass never mixes models.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -68,12 +70,14 @@ class Backbone:
 
     def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, torch_threads: int = 0,
                  shard=None):
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = torch_threads if torch_threads > 0 else cores
+        torch.set_num_threads(self.threads)
         self.shard = shard
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self.seconds: list[tuple[int, float, float]] = []  # per batch: images, F forward, search + eq. 9 + answers
         self._sources: dict = {}  # multiplex id -> ObjectRef of its model source
         self._prep: dict[str, Preprocess] = {}  # version sha -> its preprocessing
 
@@ -111,42 +115,67 @@ class Backbone:
         """One upload → its answer, or ``{"error": code, "status": s, "detail": d}`` for an image
         the client must fix (so no exception crosses the deployment boundary for bad input)."""
         self._remember(serve.get_multiplexed_model_id(), source)
-        try:
-            x = await asyncio.to_thread(self._decode, data, ctx, settings["max_pixels"])
-        except ServeError as e:
-            return {"error": e.code, "status": e.status, "detail": e.detail}
-        return await self._score_batch((x, ctx, map_mode, threshold, settings))
+        # straight into the batch queue: uploads sent together (the batch route, or clients at
+        # the same moment) meet in one batch, decoded there
+        return await self._score_batch((data, ctx, map_mode, threshold, settings))
+
+    async def score_many(self, uploads: list[bytes], ctx: dict[str, Any], source: list, map_mode: str | None,
+                         threshold: float | None, settings: dict[str, Any]) -> list[dict[str, Any]]:
+        """``score`` for several uploads of one request (the batch route): they enter the batch
+        queue together, so they share forward passes (and other clients' images may join them)."""
+        self._remember(serve.get_multiplexed_model_id(), source)
+        return list(await asyncio.gather(*(self._score_batch((d, ctx, map_mode, threshold, settings))
+                                           for d in uploads)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _score_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
+        # one batch at a time: a second one's forward pass would only compete for the same cores
         model = await self.get_model(serve.get_multiplexed_model_id())  # one id per batch
         self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
         return await asyncio.to_thread(self._answer, model, items)
 
     def _answer(self, model: PatchModel, items: list[tuple]) -> list[dict[str, Any]]:
-        """One forward pass for the batch, one search fan-out per product version in it."""
-        rows, (h, w) = model.embed(torch.stack([x for x, *_ in items]))
-        P = h * w
+        """Decode, one forward pass for the batch, one search fan-out per product version in it."""
+        torch.set_num_threads(self.threads)  # OpenMP's setting is per thread: this is an executor's
         out: list[dict[str, Any] | None] = [None] * len(items)
+        xs: dict[int, torch.Tensor] = {}
+        for j, (data, ctx, _, _, settings) in enumerate(items):
+            try:
+                xs[j] = self._decode(data, ctx, settings["max_pixels"])
+            except ServeError as e:
+                out[j] = {"error": e.code, "status": e.status, "detail": e.detail}
+        if not xs:
+            return out
+        good = sorted(xs)
+        t0 = time.perf_counter()
+        rows, (h, w) = model.embed(torch.stack([xs[j] for j in good]))
+        t_embed = time.perf_counter() - t0
+        P = h * w
+        at = {j: n for n, j in enumerate(good)}  # item -> its rows in the forward pass
         groups: dict[tuple, list[int]] = {}  # products sharing an artifact may differ in shards
-        for j, (_, ctx, *_rest) in enumerate(items):
+        for j in good:
+            ctx = items[j][1]
             groups.setdefault((ctx["name"], ctx["sha"], tuple(s["id"] for s in ctx["shards"])), []).append(j)
         for idx in groups.values():
             ctx = items[idx[0]][1]
             search = ShardedSearch([ServeShardClient(self.shard, s["id"], ctx["bank_source"]) for s in ctx["shards"]],
                                    [s["offset"] for s in ctx["shards"]], ctx["feature_dim"],
                                    approximate=ctx["index"] != "exact")
-            q = np.concatenate([rows[j * P:(j + 1) * P] for j in idx])
+            q = np.concatenate([rows[at[j] * P:(at[j] + 1) * P] for j in idx])
             scores, s_prime = score_patches(search, q, len(idx), ctx["num_neighbors"])
             pre = self._preprocess(ctx)
             for n, j in enumerate(idx):
-                x, _, map_mode, threshold, settings = items[j]
+                x, (_, _, map_mode, threshold, settings) = xs[j], items[j]
                 out[j] = result(ctx, float(scores[n]),
                                 lambda n=n, x=x: anomaly_maps(s_prime[n * P:(n + 1) * P].reshape(1, h, w),
                                                               x.shape[-1], ctx["blur_sigma"])[0],
                                 lambda x=x: pre.denormalize(x), map_mode, threshold, settings)
+        self.seconds = (self.seconds + [(len(good), t_embed, time.perf_counter() - t0 - t_embed)])[-1000:]
         return out
 
     async def stats(self) -> dict:
         bs = self.batch_sizes
-        return {"batches": len(bs), "mean_batch_size": float(np.mean(bs)) if bs else 0.0}
+        n, fwd, rest = (np.sum(self.seconds, 0) if self.seconds else (0, 0.0, 0.0))
+        return {"batches": len(bs), "mean_batch_size": float(np.mean(bs)) if bs else 0.0,
+                "forward_ms_per_image": round(1000 * fwd / n, 1) if n else None,
+                "search_ms_per_image": round(1000 * rest / n, 1) if n else None}

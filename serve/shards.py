@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -97,14 +98,11 @@ class BankShard:
     along with each request as ``source``), never from disk: a replica that restarts serves the
     version it served before, whatever happened to the product's folder since."""
 
-    def __init__(self):
-        try:  # replicas share a few cores: one OpenMP thread each avoids oversubscription
-            import faiss
-
-            if not faiss_gpu_available():
-                faiss.omp_set_num_threads(1)
-        except Exception:
-            pass
+    def __init__(self, faiss_threads: int = 0):
+        # 0: every core of the node (Ray's OMP_NUM_THREADS for a 0.5-CPU replica would be 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = faiss_threads if faiss_threads > 0 else cores
+        self._cpu_search = not faiss_gpu_available()
         self._sources: dict = {}  # multiplex id -> (ObjectRef of the bank, index settings)
 
     @serve.multiplexed(max_num_models_per_replica=64)
@@ -119,13 +117,22 @@ class BankShard:
         remember(self._sources, mid, (source[0], dict(source[1])), limit=256)  # [ObjectRef, index settings]
         return await self.get_shard(mid)
 
+    def _threaded(self, fn, *args):
+        """Run a search on this (worker) thread with the replica's OpenMP threads: the setting is
+        per calling thread, so one made in ``__init__`` would not reach the executor's threads."""
+        if self._cpu_search:
+            import faiss
+
+            faiss.omp_set_num_threads(self.threads)
+        return fn(*args)
+
     async def search(self, q: np.ndarray, k: int, source: list) -> tuple[np.ndarray, np.ndarray]:
         shard = await self._shard(source)
-        return await asyncio.to_thread(shard.search, q, k)
+        return await asyncio.to_thread(self._threaded, shard.search, q, k)
 
     async def exact_search(self, q: np.ndarray, k: int, source: list) -> tuple[np.ndarray, np.ndarray]:
         shard = await self._shard(source)
-        return await asyncio.to_thread(shard.exact_search, q, k)
+        return await asyncio.to_thread(self._threaded, shard.exact_search, q, k)
 
     async def vectors(self, local_idx: np.ndarray, source: list) -> np.ndarray:
         shard = await self._shard(source)
