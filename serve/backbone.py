@@ -77,6 +77,7 @@ class Backbone:
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self.in_replica: list[float] = []  # seconds per single-image request, queue included
         self.seconds: list[tuple[int, float, float]] = []  # per batch: images, F forward, search + eq. 9 + answers
         self._sources: dict = {}  # multiplex id -> ObjectRef of its model source
         self._prep: dict[str, Preprocess] = {}  # version sha -> its preprocessing
@@ -115,9 +116,12 @@ class Backbone:
         """One upload → its answer, or ``{"error": code, "status": s, "detail": d}`` for an image
         the client must fix (so no exception crosses the deployment boundary for bad input)."""
         self._remember(serve.get_multiplexed_model_id(), source)
+        t0 = time.perf_counter()
         # straight into the batch queue: uploads sent together (the batch route, or clients at
         # the same moment) meet in one batch, decoded there
-        return await self._score_batch((data, ctx, map_mode, threshold, settings))
+        out = await self._score_batch((data, ctx, map_mode, threshold, settings))
+        self.in_replica = (self.in_replica + [time.perf_counter() - t0])[-1000:]
+        return out
 
     async def score_many(self, uploads: list[bytes], ctx: dict[str, Any], source: list, map_mode: str | None,
                          threshold: float | None, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -177,5 +181,6 @@ class Backbone:
         bs = self.batch_sizes
         n, fwd, rest = (np.sum(self.seconds, 0) if self.seconds else (0, 0.0, 0.0))
         return {"batches": len(bs), "mean_batch_size": float(np.mean(bs)) if bs else 0.0,
-                "forward_ms_per_image": round(1000 * fwd / n, 1) if n else None,
-                "search_ms_per_image": round(1000 * rest / n, 1) if n else None}
+                "decode_forward_ms_per_image": round(1000 * float(fwd) / n, 1) if n else None,
+                "search_answer_ms_per_image": round(1000 * float(rest) / n, 1) if n else None,
+                "ms_in_replica": round(1000 * float(np.mean(self.in_replica)), 1) if self.in_replica else None}

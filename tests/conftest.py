@@ -9,6 +9,8 @@ import pytest
 # as `tocoad` does for a local instance (distributed/session.py): Ray Train polls its workers every
 # 0.25 s instead of 2 s, so each stage starts and ends seconds sooner
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# and without the per-run PreemptionWatcher actor (one more process per run; no spot nodes here)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

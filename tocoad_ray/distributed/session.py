@@ -84,5 +84,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, *, dashboar
     # Ray Train's controller polls its workers every 2 s by default, which adds up to 2 s to each
     # start and end of every stage; on one machine a faster poll costs next to nothing
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
+    # Ray Train starts a PreemptionWatcher actor (a process importing Ray Data) per run to report
+    # spot-node preemptions; one machine has none to report
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=logs, logging_level=level)
     return "local"
