@@ -1,14 +1,14 @@
 """The model side of scoring as one autoscaled, batched deployment: decode → F [+ ReConPatch g] and
 patch aggregation → one k-NN fan-out to the product's ``BankShard`` shards → eq. 8/9 and the maps.
 
-Requests from many clients meet here: ``@serve.batch`` stacks their images into one forward pass
+Requests from many clients meet here: a ``Coalescer`` stacks their images into one forward pass
 and one search call per shard, so a single-image request costs what a batch row costs. The
 ingress sends the upload's bytes and gets the finished answer back: an image is decoded once, and
 neither images nor patch rows travel between deployments (only queries to the shards).
 
 Products may use different backbones, so each artifact version is one multiplexed model; Serve
-routes a product's requests to replicas that already hold its model, and ``@serve.batch`` splits
-batches by multiplex id, so one forward pass never mixes models.
+routes a product's requests to replicas that already hold its model, and a batch holds one
+multiplex id, so one forward pass never mixes models.
 """
 from __future__ import annotations
 
@@ -64,6 +64,60 @@ def model_from_source(source: dict[str, Any], device: str | None = None) -> Patc
                       device=resolve_device(device or cfg.bank.device), fast=cfg.backbone.fast_inference)
 
 
+class Coalescer:
+    """Dynamic batching: a batch is every request that arrived while the previous one ran (up to
+    ``max_batch_size``, one multiplex id per batch); only a request that finds the replica idle
+    waits ``wait_s`` for company. ``@serve.batch`` forms its next batch while the previous one
+    still runs, so under load its batches stay as small as the wait lets them be."""
+
+    def __init__(self, run, max_batch_size: int, wait_s: float):
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self.pending: list[tuple[str, Any, asyncio.Future]] = []
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, mid: str, item: Any) -> Any:
+        if self._worker is None:  # created on the replica's event loop, at the first request
+            self._arrived = asyncio.Event()
+            self._worker = asyncio.create_task(self._loop())
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((mid, item, fut))
+        self._arrived.set()
+        return await fut
+
+    def _take(self) -> tuple[str, list[tuple[Any, asyncio.Future]]]:
+        live = [p for p in self.pending if not p[2].done()]  # a cancelled request leaves the queue
+        mid = live[0][0]
+        batch = [p for p in live if p[0] == mid][:self.max_batch_size]
+        chosen = {id(p) for p in batch}
+        self.pending = [p for p in live if id(p) not in chosen]
+        return mid, [(item, fut) for _, item, fut in batch]
+
+    async def _loop(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            if not any(not p[2].done() for p in self.pending):
+                self.pending = []
+                continue
+            if len(self.pending) < self.max_batch_size and self.wait_s > 0:  # idle: let others join
+                await asyncio.sleep(self.wait_s)
+            while self.pending:
+                if not any(not p[2].done() for p in self.pending):
+                    self.pending = []
+                    break
+                mid, batch = self._take()
+                try:
+                    results = await self.run(mid, [item for item, _ in batch])
+                    for (_, fut), r in zip(batch, results):
+                        if not fut.done():
+                            fut.set_result(r)
+                except Exception as e:  # noqa: BLE001 - every waiting request gets the failure
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+
+
 @serve.deployment(name="Backbone")
 class Backbone:
     """Upload bytes → the image's answer (score, decision, map); requests are batched."""
@@ -74,8 +128,7 @@ class Backbone:
         self.threads = torch_threads if torch_threads > 0 else cores
         torch.set_num_threads(self.threads)
         self.shard = shard
-        self._score_batch.set_max_batch_size(max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batches = Coalescer(self._score_batch, max_batch_size, batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
         self.in_replica: list[float] = []  # seconds per single-image request, queue included
         self.seconds: list[tuple[int, float, float]] = []  # per batch: images, F forward, search + eq. 9 + answers
@@ -119,7 +172,7 @@ class Backbone:
         t0 = time.perf_counter()
         # straight into the batch queue: uploads sent together (the batch route, or clients at
         # the same moment) meet in one batch, decoded there
-        out = await self._score_batch((data, ctx, map_mode, threshold, settings))
+        out = await self._batches.submit(serve.get_multiplexed_model_id(), (data, ctx, map_mode, threshold, settings))
         self.in_replica = (self.in_replica + [time.perf_counter() - t0])[-1000:]
         return out
 
@@ -128,13 +181,14 @@ class Backbone:
         """``score`` for several uploads of one request (the batch route): they enter the batch
         queue together, so they share forward passes (and other clients' images may join them)."""
         self._remember(serve.get_multiplexed_model_id(), source)
-        return list(await asyncio.gather(*(self._score_batch((d, ctx, map_mode, threshold, settings))
+        mid = serve.get_multiplexed_model_id()
+        return list(await asyncio.gather(*(self._batches.submit(mid, (d, ctx, map_mode, threshold, settings))
                                            for d in uploads)))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
-        # one batch at a time: a second one's forward pass would only compete for the same cores
-        model = await self.get_model(serve.get_multiplexed_model_id())  # one id per batch
+    async def _score_batch(self, mid: str, items: list[tuple]) -> list[dict[str, Any]]:
+        # one batch at a time (the Coalescer's single loop): a second one's forward pass would
+        # only compete for the same cores
+        model = await self.get_model(mid)
         self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
         return await asyncio.to_thread(self._answer, model, items)
 
