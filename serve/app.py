@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -154,7 +155,7 @@ async def read_upload(request: Request, limit: int, timeout_s: float) -> bytes:
     except asyncio.TimeoutError:
         raise ServeError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
                                               "(body_timeout_s); send it at once", {"Connection": "close"}) from None
-    except ClientDisconnect:
+    except (ClientDisconnect, TaskCancelledError):  # Serve cancels the body's fetch when the client leaves
         raise ClientGone() from None
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         request._body = bytes(buf)  # Starlette's form parser re-reads the cached body
@@ -202,7 +203,7 @@ async def read_uploads(request: Request, limit: int, max_images: int, timeout_s:
     except asyncio.TimeoutError:
         raise ServeError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
                                               "(body_timeout_s)", {"Connection": "close"}) from None
-    except ClientDisconnect:
+    except (ClientDisconnect, TaskCancelledError):  # Serve cancels the body's fetch when the client leaves
         raise ClientGone() from None
     request._body = bytes(buf)
     try:
