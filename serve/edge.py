@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
+from .batching import Coalescer
 from .sources import remember
 
 EDGE_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -56,8 +57,7 @@ class EdgeScorer:
     """Preprocessed [3, S, S] image → (image score, anomaly map [S, S]) through an exported model."""
 
     def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, threads: int = 0):
-        self._score_batch.set_max_batch_size(max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batches = Coalescer(self._score_batch, max_batch_size, batch_wait_timeout_s)
         self.threads = threads
         self._sources: dict = {}  # multiplex id -> [ObjectRef of the files, main file name, runtime]
         self.batch_sizes: list[int] = []
@@ -79,12 +79,12 @@ class EdgeScorer:
         return {"runtime": model.runtime, "input_size": model.size, "meta": model.meta}
 
     async def score(self, image: np.ndarray, source: list) -> tuple[float, np.ndarray]:
-        self._remember(serve.get_multiplexed_model_id(), source)
-        return await self._score_batch(image)
+        mid = serve.get_multiplexed_model_id()
+        self._remember(mid, source)
+        return await self._batches.submit(mid, image)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
-        model = await self.get_model(serve.get_multiplexed_model_id())  # one id per batch
+    async def _score_batch(self, mid: str, images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
+        model = await self.get_model(mid)  # one id per batch (the Coalescer's)
         self.batch_sizes = (self.batch_sizes + [len(images)])[-1000:]
         scores, maps = await asyncio.to_thread(model.score, np.stack(images))
         return [(float(s), m) for s, m in zip(scores, maps)]

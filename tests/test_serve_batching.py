@@ -1,4 +1,4 @@
-"""The Backbone deployment's dynamic batching (``serve.backbone.Coalescer``), on a plain asyncio
+"""The model deployments' dynamic batching (``serve.batching.Coalescer``), on a plain asyncio
 loop: what arrives while a batch runs is the next batch, one multiplex id per batch, a failure
 reaches exactly its batch's requests, and a request that finds the replica idle waits for company."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from serve.backbone import Coalescer
+from serve.batching import Coalescer
 
 
 class Recorder:
