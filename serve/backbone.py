@@ -13,6 +13,7 @@ multiplex id, so one forward pass never mixes models.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import time
 from typing import Any
@@ -76,9 +77,10 @@ class Backbone:
         torch.set_num_threads(self.threads)
         self.shard = shard
         self._batches = Coalescer(self._score_batch, max_batch_size, batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
-        self.in_replica: list[float] = []  # seconds per single-image request, queue included
-        self.seconds: list[tuple[int, float, float]] = []  # per batch: images, F forward, search + eq. 9 + answers
+        # the last 1,000 of each (deques: no copy per request)
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+        self.in_replica: collections.deque[float] = collections.deque(maxlen=1000)  # s per request, queue included
+        self.seconds: collections.deque[tuple] = collections.deque(maxlen=1000)  # per batch: images, decode + F, the rest
         self._sources: dict = {}  # multiplex id -> ObjectRef of its model source
         self._prep: dict[str, Preprocess] = {}  # version sha -> its preprocessing
 
@@ -120,7 +122,7 @@ class Backbone:
         # straight into the batch queue: uploads sent together (the batch route, or clients at
         # the same moment) meet in one batch, decoded there
         out = await self._batches.submit(serve.get_multiplexed_model_id(), (data, ctx, map_mode, threshold, settings))
-        self.in_replica = (self.in_replica + [time.perf_counter() - t0])[-1000:]
+        self.in_replica.append(time.perf_counter() - t0)
         return out
 
     async def score_many(self, uploads: list[bytes], ctx: dict[str, Any], source: list, map_mode: str | None,
@@ -136,7 +138,7 @@ class Backbone:
         # one batch at a time (the Coalescer's single loop): a second one's forward pass would
         # only compete for the same cores
         model = await self.get_model(mid)
-        self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
+        self.batch_sizes.append(len(items))
         return await asyncio.to_thread(self._answer, model, items)
 
     def _answer(self, model: PatchModel, items: list[tuple]) -> list[dict[str, Any]]:
@@ -175,12 +177,12 @@ class Backbone:
                                 lambda n=n, x=x: anomaly_maps(s_prime[n * P:(n + 1) * P].reshape(1, h, w),
                                                               x.shape[-1], ctx["blur_sigma"])[0],
                                 lambda x=x: pre.denormalize(x), map_mode, threshold, settings)
-        self.seconds = (self.seconds + [(len(good), t_embed, time.perf_counter() - t0 - t_embed)])[-1000:]
+        self.seconds.append((len(good), t_embed, time.perf_counter() - t0 - t_embed))
         return out
 
     async def stats(self) -> dict:
         bs = self.batch_sizes
-        n, fwd, rest = (np.sum(self.seconds, 0) if self.seconds else (0, 0.0, 0.0))
+        n, fwd, rest = (np.sum(list(self.seconds), 0) if self.seconds else (0, 0.0, 0.0))
         return {"batches": len(bs), "mean_batch_size": float(np.mean(bs)) if bs else 0.0,
                 "decode_forward_ms_per_image": round(1000 * float(fwd) / n, 1) if n else None,
                 "search_answer_ms_per_image": round(1000 * float(rest) / n, 1) if n else None,
