@@ -189,6 +189,8 @@ def main() -> int:
                     help="folder of images to send (searched recursively)")
     ap.add_argument("--searches", default="exact,ivf", help="comma-separated bank searches to serve in turn")
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--local-bank-max-mb", type=float, default=None,
+                    help="the service's local_bank_max_mb (default: its own); 0 sends every search to BankShards")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=128, help="single-image requests per level")
     ap.add_argument("--batch-requests", type=int, default=12, help="batch requests (16 images each) per level")
@@ -236,6 +238,8 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
            # the service's defaults, but one replica each: on 2 cores a second one adds no compute
            "backbone": {"min_replicas": 1, "max_replicas": args.backbone_max_replicas},
            "shards": {"min_replicas": 1, "max_replicas": 1}}
+    if args.local_bank_max_mb is not None:
+        svc["local_bank_max_mb"] = args.local_bank_max_mb
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=300 << 20, log_to_driver=False)
     try:
         import httpx
@@ -244,11 +248,12 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
         t = time.perf_counter()
         serve.run(build_app(svc), name="tocoad", route_prefix="/")
         for _ in range(240):
-            if httpx.get(url + "/v1/products").json()["products"]:
+            listed = httpx.get(url + "/v1/products").json()["products"]
+            if listed:
                 break
             time.sleep(0.5)
-        print(json.dumps({"bench": "startup", "search": search, "seconds": round(time.perf_counter() - t, 1)}),
-              flush=True)
+        print(json.dumps({"bench": "startup", "search": search, "seconds": round(time.perf_counter() - t, 1),
+                          "search_in": listed[0].get("search_in") if listed else None}), flush=True)
         asyncio.run(load_level(url, "p", bodies, 16, 4, 60))  # warm-up: lazy imports, first batches
 
         for c in [int(x) for x in args.concurrency.split(",")]:

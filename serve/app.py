@@ -101,6 +101,8 @@ def _public(info: dict[str, Any]) -> dict[str, Any]:
         "threshold": info["threshold"], "threshold_source": info["threshold_source"],
         "score_stats": info["score_stats"],
         "shards": [{"offset": s["offset"], "size": s["size"]} for s in info["shards"]],
+        # where the k-NN runs: "backbone" (a small one-shard bank, beside F), "shards", or the export's runtime
+        "search_in": info.get("search", info.get("runtime")),
     }
 
 

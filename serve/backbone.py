@@ -1,5 +1,7 @@
 """The model side of scoring as one autoscaled, batched deployment: decode → F [+ ReConPatch g] and
 patch aggregation → one k-NN fan-out to the product's ``BankShard`` shards → eq. 8/9 and the maps.
+A product whose bank is one small shard (``local_bank_max_mb``) is searched right here instead:
+the hop to another process would cost more than the search.
 
 Requests from many clients meet here: a ``Coalescer`` stacks their images into one forward pass
 and one search call per shard, so a single-image request costs what a batch row costs. The
@@ -33,7 +35,7 @@ from tocoad_ray.patch_model import PatchModel
 from .batching import Coalescer
 from .errors import ServeError, from_data_error
 from .results import result
-from .shards import ServeShardClient, ShardedSearch
+from .shards import LoadedShard, LocalShardClient, ServeShardClient, ShardedSearch, load_shard, parse_shard_id, shard_info
 from .sources import remember
 
 
@@ -66,6 +68,9 @@ def model_from_source(source: dict[str, Any], device: str | None = None) -> Patc
                       device=resolve_device(device or cfg.bank.device), fast=cfg.backbone.fast_inference)
 
 
+MAX_LOCAL_BANKS = 16  # banks a replica searches itself (the least recently used ones go first)
+
+
 @serve.deployment(name="Backbone")
 class Backbone:
     """Upload bytes → the image's answer (score, decision, map); requests are batched."""
@@ -83,6 +88,8 @@ class Backbone:
         self.seconds: collections.deque[tuple] = collections.deque(maxlen=1000)  # per batch: images, decode + F, the rest
         self._sources: dict = {}  # multiplex id -> ObjectRef of its model source
         self._prep: dict[str, Preprocess] = {}  # version sha -> its preprocessing
+        self._banks: collections.OrderedDict[str, LoadedShard] = collections.OrderedDict()  # searched here
+        self._cpu_search: bool | None = None
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, mid: str) -> PatchModel:
@@ -99,6 +106,23 @@ class Backbone:
         self._remember(mid, source)
         model = await self.get_model(mid)
         return {"device": str(model.device)}
+
+    async def _bank(self, sid: str, source: list) -> LoadedShard:
+        """A bank searched in this replica, from the version the registry published (object store)."""
+        shard = self._banks.get(sid)
+        if shard is None:
+            bank = await source[0]
+            _, _, i, n = parse_shard_id(sid)
+            shard = await asyncio.to_thread(load_shard, bank, dict(source[1]), i, n)
+            self._banks[sid] = shard
+            while len(self._banks) > MAX_LOCAL_BANKS:
+                self._banks.popitem(last=False)
+        self._banks.move_to_end(sid)
+        return shard
+
+    async def warm_bank(self, sid: str, source: list) -> dict[str, Any]:
+        """Load a bank searched here (the registry calls it before publishing, as ``BankShard.info``)."""
+        return shard_info(await self._bank(sid, source))
 
     def _preprocess(self, ctx: dict[str, Any]) -> Preprocess:
         p = self._prep.get(ctx["sha"])
@@ -139,11 +163,21 @@ class Backbone:
         # only compete for the same cores
         model = await self.get_model(mid)
         self.batch_sizes.append(len(items))
-        return await asyncio.to_thread(self._answer, model, items)
+        banks = {}
+        for _, ctx, *_ in items:
+            if ctx.get("search") == "backbone" and ctx["shards"][0]["id"] not in banks:
+                banks[ctx["shards"][0]["id"]] = await self._bank(ctx["shards"][0]["id"], ctx["bank_source"])
+        return await asyncio.to_thread(self._answer, model, items, banks)
 
-    def _answer(self, model: PatchModel, items: list[tuple]) -> list[dict[str, Any]]:
+    def _answer(self, model: PatchModel, items: list[tuple], banks: dict[str, LoadedShard]) -> list[dict[str, Any]]:
         """Decode, one forward pass for the batch, one search fan-out per product version in it."""
         torch.set_num_threads(self.threads)  # OpenMP's setting is per thread: this is an executor's
+        if banks and self._cpu_search is not False:
+            self._cpu_search = not next(iter(banks.values())).index.on_gpu
+            if self._cpu_search:
+                import faiss
+
+                faiss.omp_set_num_threads(self.threads)
         out: list[dict[str, Any] | None] = [None] * len(items)
         xs: dict[int, torch.Tensor] = {}
         for j, (data, ctx, _, _, settings) in enumerate(items):
@@ -165,8 +199,9 @@ class Backbone:
             groups.setdefault((ctx["name"], ctx["sha"], tuple(s["id"] for s in ctx["shards"])), []).append(j)
         for idx in groups.values():
             ctx = items[idx[0]][1]
-            search = ShardedSearch([ServeShardClient(self.shard, s["id"], ctx["bank_source"]) for s in ctx["shards"]],
-                                   [s["offset"] for s in ctx["shards"]], ctx["feature_dim"],
+            clients = ([LocalShardClient(banks[ctx["shards"][0]["id"]])] if ctx.get("search") == "backbone" else
+                       [ServeShardClient(self.shard, s["id"], ctx["bank_source"]) for s in ctx["shards"]])
+            search = ShardedSearch(clients, [s["offset"] for s in ctx["shards"]], ctx["feature_dim"],
                                    approximate=ctx["index"] != "exact")
             q = np.concatenate([rows[at[j] * P:(at[j] + 1) * P] for j in idx])
             scores, s_prime = score_patches(search, q, len(idx), ctx["num_neighbors"])

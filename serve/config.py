@@ -117,6 +117,10 @@ class ServeConfig:
     products: list[ProductConfig] = field(default_factory=list)
     artifacts_dir: str | None = None  # every subdirectory with a meta.json becomes a product
     default_shards: int = 1
+    # a product with one shard whose bank (as stored in memory) is at most this many MB is searched
+    # in the Backbone replica, next to F: no hop to a BankShard, the library's in-process speed;
+    # 0: every bank goes to BankShard replicas. Products with shards >= 2 always do.
+    local_bank_max_mb: float = 256.0
     poll_interval_s: float = 2.0  # registry: how often config + artifact meta.json are re-checked
     watch_file: str | None = None  # re-read products/limits/auth from this YAML on every poll
     snapshot_ttl_s: float = 0.5  # ingress: how long a registry snapshot is reused
@@ -187,6 +191,8 @@ def from_dict(data: dict[str, Any] | None) -> ServeConfig:
             raise ConfigError(f"config.products[{i}]: runtime must be one of {', '.join(RUNTIMES)}, got {pc.runtime!r}")
         seen.add(pc.name)
         cfg.products.append(pc)
+    if cfg.local_bank_max_mb < 0:
+        raise ConfigError("config.local_bank_max_mb must be >= 0")
     if cfg.default_shards < 1:
         raise ConfigError("config.default_shards must be >= 1")
     if cfg.readiness not in READINESS:

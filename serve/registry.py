@@ -172,13 +172,18 @@ class Registry:
         cfg = meta["config"]
         # the verified version goes to the object store; replicas (also restarted ones) load it from there
         model_src = [ray.put(model)]
+        bank_bytes = int(bank.nbytes)
         bank_src = [ray.put(np.ascontiguousarray(bank)), index]
         del model, bank
         bounds = shard_bounds(int(meta["bank_size"]), shards)
         ids = [shard_id(artifact, sha, i, len(bounds) - 1) for i in range(len(bounds) - 1)]
+        # a one-shard bank small enough is searched in the Backbone replica (no hop to a BankShard)
+        local = len(ids) == 1 and bank_bytes <= self.cfg.local_bank_max_mb * 2**20
         # warm everything before publishing, so the swap never exposes a half-loaded version
-        pending = [self.backbone.options(multiplexed_model_id=bid).warm.remote(model_src)]
-        pending += [self.shard.options(multiplexed_model_id=m).info.remote(bank_src) for m in ids]
+        bb = self.backbone.options(multiplexed_model_id=bid)
+        pending = [bb.warm.remote(model_src)]
+        pending += ([bb.warm_bank.remote(ids[0], bank_src)] if local else
+                    [self.shard.options(multiplexed_model_id=m).info.remote(bank_src) for m in ids])
         warmed = [r.result(timeout_s=WARM_TIMEOUT_S) for r in pending]
         return {
             **version_fields(name, artifact, sha, meta, threshold),
@@ -191,6 +196,7 @@ class Registry:
             "index": warmed[1]["index"], "bank_format": meta.get("bank_format", "float32"),
             "bank_bytes": int(sum(w["bytes"] for w in warmed[1:])),
             "shards": [{"id": m, "offset": bounds[i], "size": bounds[i + 1] - bounds[i]} for i, m in enumerate(ids)],
+            "search": "backbone" if local else "shards",
             "loaded_at": time.time(), "runtime": "ray",
             "_key": (artifact, sha, shards, threshold, "ray"),
         }

@@ -139,9 +139,7 @@ class BankShard:
         return shard.vectors(local_idx)
 
     async def info(self, source: list) -> dict[str, Any]:
-        shard = await self._shard(source)
-        return {"offset": shard.offset, "size": len(shard.index), "on_gpu": shard.index.on_gpu,
-                "index": shard.index.kind, "bytes": shard.index.nbytes}
+        return shard_info(await self._shard(source))
 
 
 class Result(Protocol):
@@ -154,6 +152,36 @@ class ShardClient(Protocol):
     def search(self, q: np.ndarray, k: int) -> Result: ...
 
     def vectors(self, local_idx: np.ndarray) -> Result: ...
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class LocalShardClient:
+    """A shard held by the calling process (the Backbone replica, for a small bank): the same calls
+    answered in place, so ``ShardedSearch`` and eq. 8/9 run unchanged without a hop."""
+
+    def __init__(self, shard: LoadedShard):
+        self.shard = shard
+
+    def search(self, q, k):
+        return _Done(self.shard.search(q, k))
+
+    def exact_search(self, q, k):
+        return _Done(self.shard.exact_search(q, k))
+
+    def vectors(self, local_idx):
+        return _Done(self.shard.vectors(local_idx))
+
+
+def shard_info(shard: LoadedShard) -> dict[str, Any]:
+    return {"offset": shard.offset, "size": len(shard.index), "on_gpu": shard.index.on_gpu,
+            "index": shard.index.kind, "bytes": shard.index.nbytes}
 
 
 class ServeShardClient:

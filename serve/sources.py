@@ -49,4 +49,4 @@ def scoring_context(info: dict[str, Any]) -> dict[str, Any]:
     request: small, and the bank's ObjectRef stays a reference)."""
     keys = ("name", "sha", "version", "created", "threshold", "threshold_source", "score_stats", "shards",
             "bank_source", "feature_dim", "index", "num_neighbors", "blur_sigma", "data", "mean", "std")
-    return {k: info[k] for k in keys}
+    return {**{k: info[k] for k in keys}, "search": info.get("search", "shards")}

@@ -21,3 +21,12 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not found at {root} (set TOCOAD_DATA)")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_shutdown():
+    """The Ray instance the training modules share (tests/ray_fixtures.py) ends with the session."""
+    yield
+    from .ray_fixtures import release_shared_ray
+
+    release_shared_ray()

@@ -1,5 +1,7 @@
-"""A local Ray instance for one test module (test_serve starts its own, so none lives across
-modules) and small real-data category trees for the distributed tests."""
+"""One local Ray instance shared by the modules that train on it (started on first use, kept across
+modules: its worker processes have imported torch once), and small real-data category trees for
+the distributed tests. Modules that need Ray started their own way (Serve, S3 credentials) call
+``release_shared_ray()`` first."""
 from __future__ import annotations
 
 import os
@@ -36,12 +38,29 @@ def tiny_cfg(**overrides):
     return load_config(None, {**TINY, **overrides})
 
 
+_SHARED = {"running": False}
+
+
 def start_ray():
+    """The shared instance, with the dashboard: Ray Train frees the placement group of a tune
+    trial ASHA stopped mid-stage only when the state API can tell that its controller died (as
+    ``tocoad tune`` starts it)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=600 * 1024 * 1024, log_to_driver=False)
+    if not _SHARED["running"]:
+        ray.init(num_cpus=8, include_dashboard=True, object_store_memory=600 * 1024 * 1024, log_to_driver=False)
+        _SHARED["running"] = True
     return ray
+
+
+def release_shared_ray() -> None:
+    """Shut the shared instance down (before a module starts Ray its own way)."""
+    if _SHARED["running"]:
+        import ray
+
+        ray.shutdown()
+        _SHARED["running"] = False
 
 
 def tiny_data(data_root: Path, dst: Path) -> Path:
@@ -67,18 +86,8 @@ def corrupt_category(root: Path, name: str = "broken") -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """Module-scoped: the Serve tests start their own instance later in the session (these modules
-    are named test_distributed_* so they run first)."""
-    import ray
-
-    if ray.is_initialized():  # another fixture's instance: use it, leave it to its owner
-        yield ray
-        return
-    start_ray()
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    """The shared instance (conftest shuts it down at the end of the session)."""
+    yield start_ray()
 
 
 @pytest.fixture(scope="module")

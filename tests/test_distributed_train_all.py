@@ -17,7 +17,7 @@ from tocoad_ray.config import ConfigError
 from tocoad_ray.data import list_categories
 
 from .ray_fixtures import TINY, corrupt_category, kill_when, ray_local, tiny_cfg, tiny_data  # noqa: F401 - fixtures
-from .test_tracking import assert_rerun_reused, assert_train_all_tracked
+from .test_distributed_tracking import assert_rerun_reused, assert_train_all_tracked
 
 
 

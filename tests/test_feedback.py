@@ -21,6 +21,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from ._subset import mvtec_subset
+from .ray_fixtures import release_shared_ray
 
 # eager F (no TorchScript freeze): these tests load many versions, each once
 CFG = {"method": "patchcore", "data.image_size": 128, "data.crop_size": 112, "bank.coreset_ratio": 0.1,
@@ -288,6 +289,7 @@ def service(fitted, tmp_path_factory):
         "backbone": {"num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1, "max_batch_size": 4},
         "shards": {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1},
         "ingress": {"num_cpus": 0.1}, "registry": {"num_cpus": 0.1}, "edge": {"num_cpus": 0.1}}))
+    release_shared_ray()
     owner = not ray.is_initialized()
     if owner:
         ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False,

@@ -17,7 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve.shards import ShardedSearch, shard_bounds
+from serve.shards import LocalShardClient, ShardedSearch, load_shard, shard_bounds
+
+from .ray_fixtures import release_shared_ray
 
 CATEGORY = "bottle"
 TINY = {"method": "patchcore", "data.image_size": 128, "data.crop_size": 112, "bank.coreset_ratio": 0.05, "bank.threshold_images": 8,
@@ -28,29 +30,10 @@ BODY_TIMEOUT_S = 6.0
 
 
 # ---------------------------------------------------------------- ShardedSearch without Ray
-class _Done:
-    def __init__(self, v):
-        self.v = v
-
-    def result(self):
-        return self.v
-
-
-class _LocalShard:
-    def __init__(self, bank):
-        from tocoad_ray.bank.knn import KNNIndex
-
-        self.index = KNNIndex(bank)
-
-    def search(self, q, k):
-        return _Done(self.index.search(q, k))
-
-    def vectors(self, idx):
-        return _Done(self.index.bank[idx])
-
-
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
 def test_sharded_search_equals_one_bank(n_shards):
+    """The shards a Backbone replica searches itself (``LocalShardClient``), merged as the
+    BankShard fan-out merges them: eq. 8/9 as on one bank."""
     from tocoad_ray.bank.memory_bank import MemoryBank
 
     rng = np.random.default_rng(0)
@@ -58,7 +41,8 @@ def test_sharded_search_equals_one_bank(n_shards):
     patches = rng.normal(size=(4 * 49, 16)).astype(np.float32)
     mb = MemoryBank(bank)
     b = shard_bounds(len(bank), n_shards)
-    ss = ShardedSearch([_LocalShard(bank[b[i]:b[i + 1]]) for i in range(n_shards)], b[:-1], 16)
+    index = {"faiss_gpu": False, "kind": "exact", "nlist": 0, "nprobe": 0}
+    ss = ShardedSearch([LocalShardClient(load_shard(bank, index, i, n_shards)) for i in range(n_shards)], b[:-1], 16)
     d0, i0 = mb.search(patches, 9)
     d1, i1 = ss.search(patches, 9)
     np.testing.assert_allclose(d1, d0, rtol=1e-5)
@@ -146,6 +130,7 @@ def service(tiny):
     cfg = tiny["base"] / "service.yaml"
     _write_config(cfg, tiny)
     port = _free_port()
+    release_shared_ray()
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port},
@@ -263,6 +248,10 @@ def test_products_health_threshold(service, reference):
     prods = {p["product"]: p for p in c.get("/v1/products").json()["products"]}
     assert [s["size"] for s in prods["b3"]["shards"]] and len(prods["b3"]["shards"]) == 3
     assert sum(s["size"] for s in prods["b3"]["shards"]) == prods["b1"]["bank_size"]
+    # a small one-shard bank is searched beside F in the Backbone replica; split ones in BankShards
+    # (both score as `tocoad evaluate` does: test_scores_match_evaluate)
+    assert prods["b1"]["search_in"] == "backbone" and prods["b3"]["search_in"] == "shards"
+    assert prods["b1"]["bank_bytes_in_memory"] >= prods["b1"]["bank_size"] * prods["b1"]["feature_dim"] * 4
     assert prods["fixed"]["threshold"] == 1.5 and prods["fixed"]["threshold_source"] == "config"
     img = Path(reference["paths"][0]).read_bytes()
     body = c.post("/v1/products/fixed/score", content=img).json()
@@ -472,12 +461,12 @@ def _place(src: Path, dst: Path, corrupt: bool = False) -> None:
     os.rename(tmp, dst)
 
 
-def _shard_replicas() -> list[str]:
-    """Names of the live BankShard replica actors (GCS directory: no dashboard needed)."""
+def _model_replicas() -> list[str]:
+    """Names of the live Backbone and BankShard replica actors (GCS directory: no dashboard needed)."""
     import ray
 
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == "serve" and "BankShard" in a["name"])
+                  if a["namespace"] == "serve" and ("BankShard" in a["name"] or "Backbone" in a["name"]))
 
 
 def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_version(service, tiny, reference):
@@ -522,7 +511,8 @@ def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_vers
     assert c.post("/v1/products/broken/score", content=img).status_code == 404
     _wait(lambda: c.get("/readyz").status_code == 200)
 
-    # the published version survives a corrupt replacement on disk AND a restarted shard replica
+    # the published version survives a corrupt replacement on disk AND restarted replicas (kp's bank
+    # is searched in the Backbone replica, b3's in BankShards: both reload from the object store)
     kp = live / "kp"
     _place(tiny["a"], kp)
     _wait(lambda: (state("kp") or {}).get("state") == "ready")
@@ -530,11 +520,12 @@ def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_vers
     _copy_artifact(tiny["b"], kp, corrupt=True)  # the published version's files are overwritten
     _wait(lambda: "update_error" in (state("kp") or {}))
     assert state("kp")["state"] == "ready" and state("kp")["update_error"]["kind"] == "corrupt_artifact"
-    replicas = _shard_replicas()
-    assert replicas
+    assert {p["product"]: p for p in c.get("/v1/products").json()["products"]}["kp"]["search_in"] == "backbone"
+    replicas = _model_replicas()
+    assert any("Backbone" in x for x in replicas) and any("BankShard" in x for x in replicas)
     for name in replicas:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
-    _wait(lambda: _shard_replicas() and all(x not in replicas for x in _shard_replicas()), timeout=90)
+    _wait(lambda: _model_replicas() and all(x not in replicas for x in _model_replicas()), timeout=90)
 
     def scores_old():
         r = c.post("/v1/products/kp/score", content=img)
@@ -546,6 +537,9 @@ def test_broken_product_states_clear_and_a_killed_shard_keeps_the_published_vers
     _wait(scores_old, timeout=90)
     again = c.post("/v1/products/kp/score", content=img).json()
     assert again["score"] == pytest.approx(first["score"], rel=1e-6)
+    _wait(lambda: c.post("/v1/products/b3/score", content=img).status_code == 200, timeout=90)
+    assert c.post("/v1/products/b3/score", content=img).json()["score"] == pytest.approx(reference["scores"][-1],
+                                                                                         rel=1e-5)
     assert c.get("/readyz").status_code == 200  # still scoreable: ready, with the rejected update shown
     shutil.rmtree(kp)
     _wait(lambda: state("kp") is None)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from .cluster_harness import free_port
-from .ray_fixtures import tiny_cfg, tiny_root  # noqa: F401 - fixtures
+from .ray_fixtures import release_shared_ray, tiny_cfg, tiny_root  # noqa: F401 - fixtures
 
 pytest.importorskip("moto", reason="moto (the test extra) runs the local S3 server")
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -59,8 +59,7 @@ def test_stage_checkpoints_in_a_bucket_and_resume_from_it(s3_server, tiny_root):
 
     from tocoad_ray.distributed.storage import StorageError, check_cluster, join
 
-    if ray.is_initialized():
-        ray.shutdown()
+    release_shared_ray()  # the workers need the bucket's keys in their environment
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
              runtime_env={"env_vars": KEYS})
     try:

@@ -98,6 +98,8 @@ def assert_rerun_reused(out: Path, runs: list, cats: list[str]) -> None:
 
 
 def test_tune_trials_appear_as_runs(ray_local, tiny_root, tmp_path):  # noqa: F811
+    """Two categories searched side by side (their trials share the Tuner): one nested run per
+    trial under the job's run, the default's run, the best trial's test metrics and the files."""
     from jobs import tune
     from tocoad_ray.search_space import load_plan
 
@@ -107,21 +109,23 @@ def test_tune_trials_appear_as_runs(ray_local, tiny_root, tmp_path):  # noqa: F8
         "num_samples": 2, "max_concurrent_trials": 2, "validation": {"fraction": 0.3, "min_images": 2},
         "space": {"bank.num_neighbors": {"choice": [1, 3]}}})
     out = tmp_path / "tune"
-    report = tune.run(load_plan(tmp_path / "plan.yaml"), str(tiny_root), ["bottle"], out, echo=lambda m: None)
+    cats = ["bottle", "metal_plate"]
+    report = tune.run(load_plan(tmp_path / "plan.yaml"), str(tiny_root), cats, out, echo=lambda m: None)
+    assert report["order"] == cats and all(report["categories"][c]["best"] is not None for c in cats)
     c, exp, runs = _runs((out / "mlruns").resolve().as_uri(), f"tune {out.resolve()}")
     parent = next(r for r in runs if r.data.tags.get(TAG_ROLE) == "job")
     trials = [r for r in runs if TAG_TRIAL in r.data.tags]
-    assert len(trials) == 2 and all(r.data.tags[TAG_PARENT] == parent.info.run_id for r in trials)
+    assert len(trials) == 4 and all(r.data.tags[TAG_PARENT] == parent.info.run_id for r in trials)
+    assert sorted(r.data.tags[TAG_CATEGORY] for r in trials) == ["bottle", "bottle", "metal_plate", "metal_plate"]
     for r in trials:
-        assert r.info.status == "FINISHED" and r.data.tags[TAG_CATEGORY] == "bottle"
-        assert r.data.params["category"] == "bottle" and r.data.params["bank.num_neighbors"] in ("1", "3")
+        assert r.info.status == "FINISHED" and r.data.params["category"] == r.data.tags[TAG_CATEGORY]
+        assert r.data.params["bank.num_neighbors"] in ("1", "3")
         assert r.data.params["method"] == "patchcore"  # the full config, added after the search
         assert 0.0 <= r.data.metrics["val_score"] <= 1.0
         assert "result.json" in _artifacts(c, r.info.run_id)
-    # the best trial was evaluated on test: its run holds the test metrics
+    # a best trial was evaluated on test: its run holds the test metrics
     assert any("test/image_auroc" in r.data.metrics for r in trials)
     default = [r for r in runs if r.data.tags.get("tocoad.trial") == "default"]
-    assert len(default) == 1 and "validation/val_score" in default[0].data.metrics
+    assert len(default) == 2 and all("validation/val_score" in d.data.metrics for d in default)
     assert {"report.md", "report.json", "search.yaml"} <= _artifacts(c, parent.info.run_id)
-    assert "bottle.yaml" in _artifacts(c, parent.info.run_id, "best")
-    assert report["categories"]["bottle"]["best"] is not None
+    assert {"bottle.yaml", "metal_plate.yaml"} <= _artifacts(c, parent.info.run_id, "best")
