@@ -9,6 +9,10 @@ share of the ceiling, p50/p95/p99 latency, errors; the resident memory of every 
 deployment; optionally (``--kill``) one level while a BankShard replica is killed (errors, time to
 recovery). One JSON line per measurement.
 
+This VM's speed drifts (the ceiling moved by a quarter within one run), so with ``--ceiling-each``
+(default 8 s) the ceiling is also measured right before every level, with the service idle, and
+``of_ceiling`` divides by that adjacent figure (``of_start_ceiling`` by the first one).
+
     python bench/serve_load.py --artifact runs/bench_scoring/mvtec_ad_bottle
 """
 from __future__ import annotations
@@ -199,6 +203,8 @@ def main() -> int:
     ap.add_argument("--kill-concurrency", type=int, default=4)
     ap.add_argument("--ceiling-batch", type=int, default=16)
     ap.add_argument("--ceiling-seconds", type=float, default=20.0)
+    ap.add_argument("--ceiling-each", type=float, default=8.0,
+                    help="seconds of ceiling measured before every level (0: only before and after)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray")
     ap.add_argument("--backbone-max-replicas", type=int, default=1)
     args = ap.parse_args()
@@ -256,17 +262,27 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
                           "search_in": listed[0].get("search_in") if listed else None}), flush=True)
         asyncio.run(load_level(url, "p", bodies, 16, 4, 60))  # warm-up: lazy imports, first batches
 
+        def adjacent() -> float:  # the library's speed now, the service idle
+            if args.ceiling_each <= 0:
+                return ceil
+            return ceiling(art, bodies, args.ceiling_batch, args.ceiling_each)["images_per_s"]
+
         for c in [int(x) for x in args.concurrency.split(",")]:
+            near = adjacent()
             res = asyncio.run(load_level(url, "p", bodies, args.requests, c, args.time_cap))
             res.pop("_t_ok")
             print(json.dumps({"bench": "serve_load", "route": "score", "search": search, **res,
-                              "of_ceiling": round(res["throughput_rps"] / ceil, 3),
+                              "ceiling_images_per_s": near, "of_ceiling": round(res["throughput_rps"] / near, 3),
+                              "of_start_ceiling": round(res["throughput_rps"] / ceil, 3),
                               "p99_over_p50": round(res["p99_ms"] / res["p50_ms"], 2) if res["p50_ms"] else None,
                               "shards": args.shards}), flush=True)
         for c in (1, 4):
+            near = adjacent()
             res = asyncio.run(batch_level(url, "p", bodies, args.batch_requests, 16, c, args.time_cap))
-            print(json.dumps({"bench": "serve_load", "search": search, **res,
-                              "of_ceiling": round(res["images_per_s"] / ceil, 3), "shards": args.shards}), flush=True)
+            print(json.dumps({"bench": "serve_load", "search": search, **res, "ceiling_images_per_s": near,
+                              "of_ceiling": round(res["images_per_s"] / near, 3),
+                              "of_start_ceiling": round(res["images_per_s"] / ceil, 3), "shards": args.shards}),
+                  flush=True)
         rss = serve_rss()
         print(json.dumps({"bench": "serve_rss", "search": search,
                           "total_mb": round(sum(v["rss_mb"] for v in rss.values()), 1), "by_deployment": rss}),
