@@ -84,7 +84,18 @@ def _stage2_cfg(preserve: str) -> Config:
     return cfg
 
 
-def _stage2_worker(rank: int, store_path: str, cfg: Config, paths: list[str], out: str) -> None:
+def _stage2_worker(rank: int, store_path: str, presets: list[str], paths: list[str], out: str) -> None:
+    """Each ``stage2.preserve`` variant in turn in one process group (one spawn: processes cost
+    seconds of imports each)."""
+    _init_group(rank, store_path, "gloo")
+    try:
+        for preserve in presets:
+            _stage2_variant(rank, _stage2_cfg(preserve), paths, Path(out, f"rank{rank}-{preserve}.json"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _stage2_variant(rank: int, cfg: Config, paths: list[str], out: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from tocoad_ray.data import Preprocess
@@ -100,38 +111,41 @@ def _stage2_worker(rank: int, store_path: str, cfg: Config, paths: list[str], ou
     from tocoad_ray.train.stage1 import build_discriminator
     from tocoad_ray.train.views import view_augment
 
-    _init_group(rank, store_path, "gloo")
-    try:
-        # as stages.build_stage_trainer builds it for stage II (D from stage I)
-        extractor = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
-        trainer = Stage2Trainer(cfg, extractor, "cpu", discriminator=build_discriminator(cfg, extractor))
-        before = {n: p.detach().clone() for n, p in extractor.named_parameters()}
-        trainer.distribute(lambda m: DistributedDataParallel(m))  # find_unused_parameters=False
-        pre = Preprocess(cfg.data, extractor.mean, extractor.std)
-        images = prepare_images(paths, pre)
-        g = cfg.generator
-        make = dict(preprocess=pre, num_views=cfg.stage2.num_views, augment=view_augment(cfg, pre.size),
-                    generator=AnomalyGenerator(g.kind, normal_prob=g.normal_prob, rotate=g.rotate))
-        per_worker = cfg.stage2.batch_size // WORLD
-        losses = []
-        for step in range(3):
-            rows = [(step * cfg.stage2.batch_size + rank * per_worker + i) % len(images) for i in range(per_worker)]
-            batch = make_stage2_batch([images[r] for r in rows], rng=[row_rng(cfg.seed, 2, 0, r) for r in rows], **make)
-            losses.append(trainer.train_step(batch)["loss"])
-        changed = sorted({n.split(".")[2] for n, p in extractor.named_parameters() if not torch.equal(p, before[n])})
-        digest = float(sum(p.double().sum() for p in extractor.parameters()))
-    finally:
-        dist.destroy_process_group()
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"losses": losses, "changed": changed, "digest": digest}))
+    # as stages.build_stage_trainer builds it for stage II (D from stage I)
+    extractor = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
+    trainer = Stage2Trainer(cfg, extractor, "cpu", discriminator=build_discriminator(cfg, extractor))
+    before = {n: p.detach().clone() for n, p in extractor.named_parameters()}
+    trainer.distribute(lambda m: DistributedDataParallel(m))  # find_unused_parameters=False
+    pre = Preprocess(cfg.data, extractor.mean, extractor.std)
+    images = prepare_images(paths, pre)
+    g = cfg.generator
+    make = dict(preprocess=pre, num_views=cfg.stage2.num_views, augment=view_augment(cfg, pre.size),
+                generator=AnomalyGenerator(g.kind, normal_prob=g.normal_prob, rotate=g.rotate))
+    per_worker = cfg.stage2.batch_size // WORLD
+    losses = []
+    for step in range(3):
+        rows = [(step * cfg.stage2.batch_size + rank * per_worker + i) % len(images) for i in range(per_worker)]
+        batch = make_stage2_batch([images[r] for r in rows], rng=[row_rng(cfg.seed, 2, 0, r) for r in rows], **make)
+        losses.append(trainer.train_step(batch)["loss"])
+    changed = sorted({n.split(".")[2] for n, p in extractor.named_parameters() if not torch.equal(p, before[n])})
+    digest = float(sum(p.double().sum() for p in extractor.parameters()))
+    out.write_text(json.dumps({"losses": losses, "changed": changed, "digest": digest}))
 
 
-@pytest.mark.parametrize("preserve", ["none", "feature", "l2sp"])
-def test_ddp_stage2_with_stage2_layers_short_of_the_last_block(preserve, data_root, tmp_path):
+PRESERVE = ["none", "feature", "l2sp"]
+
+
+def test_ddp_stage2_with_stage2_layers_short_of_the_last_block(data_root, tmp_path):
+    """Every ``stage2.preserve`` variant (each adds its own parameters and losses to the step)."""
     paths = sorted((data_root / "mvtec_ad" / "bottle" / "train" / "good").glob("*.png"))[:4]
     if len(paths) < 4:
         pytest.skip("mvtec_ad/bottle training images not found")
-    _spawn(_stage2_worker, str(tmp_path / "store"), _stage2_cfg(preserve), [str(p) for p in paths], str(tmp_path))
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    _spawn(_stage2_worker, str(tmp_path / "store"), PRESERVE, [str(p) for p in paths], str(tmp_path))
+    for preserve in PRESERVE:
+        _check_variant([json.loads((tmp_path / f"rank{r}-{preserve}.json").read_text()) for r in range(WORLD)])
+
+
+def _check_variant(got: list[dict]) -> None:
     for g in got:
         assert len(g["losses"]) == 3 and all(np.isfinite(g["losses"]))
         # F trained up to blocks.4; EfficientNet's blocks.5 and blocks.6 feed no loss and stay as they were
