@@ -151,6 +151,41 @@ def kill_one_shard() -> str:
     return names[0]
 
 
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of every Serve process by deployment (as ``serve_rss`` names them), of
+    this process (the load generator) and of everything else on the machine (Ray's own daemons)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    me = os.getpid()
+    total = sum(getattr(psutil.cpu_times(), f) for f in ("user", "system", "nice"))
+    known = 0.0
+    for p in psutil.process_iter(["cmdline", "cpu_times", "pid"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            t = p.info["cpu_times"].user + p.info["cpu_times"].system
+        except (psutil.Error, TypeError, AttributeError):
+            continue
+        if p.info["pid"] == me:
+            key = "(load generator)"
+        elif cmd.startswith("ray::ServeReplica:"):
+            key = cmd.split()[0].split(":")[-1].split(".")[0]
+        elif cmd.startswith("ray::ServeController"):
+            key = "(controller)"
+        elif cmd.startswith("ray::ProxyActor"):
+            key = "(proxy)"
+        else:
+            continue
+        out[key] = out.get(key, 0.0) + t
+        known += t
+    out["(rest of the machine)"] = total - known
+    return out
+
+
+def cpu_ms_per_image(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, float]:
+    return {k: round(1000 * (after.get(k, 0.0) - v) / max(images, 1), 1) for k, v in before.items()}
+
+
 def ceiling(artifact: str, bodies: list[bytes], batch: int, seconds: float) -> dict:
     """Images/s of the library in this process: decode + preprocess + ``Detector.score`` (F, the
     bank search, eq. 9, the maps) over batches of ``batch`` images (no HTTP, no Ray)."""
@@ -166,13 +201,14 @@ def ceiling(artifact: str, bodies: list[bytes], batch: int, seconds: float) -> d
         det.score(torch.stack([det.preprocess.image(decode_image_bytes(b)) for b in chunk]))
 
     one_batch(0)  # warm-up at the measured batch size
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         one_batch(n)
         n += batch
     wall = time.perf_counter() - t0
     return {"bench": "library_ceiling", "search": det.cfg.bank.search, "batch": batch, "images": n,
-            "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2), "torch_threads": torch.get_num_threads()}
+            "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2), "torch_threads": torch.get_num_threads(),
+            "cpu_ms_per_image": round(1000 * (time.process_time() - c0) / max(n, 1), 1)}
 
 
 def with_search(artifact: str, search: str, tmp: Path) -> str:
@@ -269,8 +305,10 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
 
         for c in [int(x) for x in args.concurrency.split(",")]:
             near = adjacent()
+            cpu0 = cpu_by_process()
             res = asyncio.run(load_level(url, "p", bodies, args.requests, c, args.time_cap))
             res.pop("_t_ok")
+            res["cpu_ms_per_image"] = cpu_ms_per_image(cpu0, cpu_by_process(), res["ok"])
             print(json.dumps({"bench": "serve_load", "route": "score", "search": search, **res,
                               "ceiling_images_per_s": near, "of_ceiling": round(res["throughput_rps"] / near, 3),
                               "of_start_ceiling": round(res["throughput_rps"] / ceil, 3),
@@ -278,7 +316,9 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
                               "shards": args.shards}), flush=True)
         for c in (1, 4):
             near = adjacent()
+            cpu0 = cpu_by_process()
             res = asyncio.run(batch_level(url, "p", bodies, args.batch_requests, 16, c, args.time_cap))
+            res["cpu_ms_per_image"] = cpu_ms_per_image(cpu0, cpu_by_process(), res["ok"] * 16)
             print(json.dumps({"bench": "serve_load", "search": search, **res, "ceiling_images_per_s": near,
                               "of_ceiling": round(res["images_per_s"] / near, 3),
                               "of_start_ceiling": round(res["images_per_s"] / ceil, 3), "shards": args.shards}),

@@ -69,9 +69,9 @@ class BackboneDeployment:
     # num_gpus decides the packing (cluster.yaml's gpu_worker: 8 CPU, 1 GPU)
     num_cpus: float = 0.5
     num_gpus: float = 0.0
-    # images per forward pass, and how long an image that finds the replica idle waits for others
-    # (under load a batch is what arrived while the previous one ran); the wait costs a request
-    # that comes alone up to that much latency
+    # images per forward pass, and how long at most an image that finds the replica idle waits for
+    # others (under load a batch is what arrived while the previous one ran); the wait ends once as
+    # many images as the last batch held have arrived, so a client alone does not wait
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.05
     # 0: every core of the node. Ray gives an actor with num_cpus 0.5 one thread, which halves the

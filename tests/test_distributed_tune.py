@@ -5,7 +5,6 @@ by side in ``test_distributed_tracking.py``."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -67,3 +67,31 @@ def test_an_idle_replica_waits_for_company_and_a_cancelled_request_is_dropped():
 
     batches, res = asyncio.run(main())
     assert batches == [("m", [1, 3])] and res == [10, 30]
+
+
+def test_the_idle_wait_ends_when_the_last_batchs_clients_are_back():
+    """After a batch of 3, an idle replica starts as soon as 3 requests are back (not after the
+    whole wait); a request alone after a batch of 1 does not wait at all."""
+    async def main():
+        rec = Recorder(seconds=0.01)
+        c = Coalescer(rec, max_batch_size=8, wait_s=3.0)  # far longer than any step below
+        loop = asyncio.get_running_loop()
+        # the first batch waits the whole wait (no last batch to go by)
+        assert await asyncio.gather(*(c.submit("m", i) for i in (1, 2, 3))) == [10, 20, 30]
+        t = loop.time()
+        two = [asyncio.create_task(c.submit("m", i)) for i in (4, 5)]
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(c.submit("m", 6))
+        await asyncio.gather(*two, third)
+        back = loop.time() - t
+        t = loop.time()
+        await c.submit("m", 7)  # alone after a batch of 3: waits the full wait (company was expected)
+        alone_after_3 = loop.time() - t
+        t = loop.time()
+        await c.submit("m", 8)  # alone after a batch of 1: no wait
+        alone_after_1 = loop.time() - t
+        return rec.batches, back, alone_after_3, alone_after_1
+
+    batches, back, alone_after_3, alone_after_1 = asyncio.run(main())
+    assert [b for _, b in batches] == [[1, 2, 3], [4, 5, 6], [7], [8]]
+    assert back < 1.5 and alone_after_3 > 2.9 and alone_after_1 < 1.5

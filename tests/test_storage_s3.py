@@ -60,6 +60,8 @@ def test_stage_checkpoints_in_a_bucket_and_resume_from_it(s3_server, tiny_root):
     from tocoad_ray.distributed.storage import StorageError, check_cluster, join
 
     release_shared_ray()  # the workers need the bucket's keys in their environment
+    if ray.is_initialized():  # an instance a CLI test started in this process
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
              runtime_env={"env_vars": KEYS})
     try:
