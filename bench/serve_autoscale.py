@@ -43,6 +43,18 @@ def running_replicas(app: str = "tocoad") -> dict[str, int]:
             for name, d in st.deployments.items()}
 
 
+def serve_process(cmd: str) -> str | None:
+    """The deployment a process serves, from its title (``ray::ServeReplica:<app>:<deployment>``),
+    "(controller)" or "(proxy)"; None for any other process."""
+    if cmd.startswith("ray::ServeReplica:"):
+        return cmd.split()[0].split(":")[-1].split(".")[0]  # the title may carry the running method
+    if cmd.startswith("ray::ServeController"):
+        return "(controller)"
+    if cmd.startswith("ray::ProxyActor"):
+        return "(proxy)"
+    return None
+
+
 def serve_rss() -> dict[str, dict[str, float]]:
     """Resident memory (MB) of every Serve process, by deployment (replica processes are titled
     ``ray::ServeReplica:<app>:<deployment>``), plus the controller and proxies."""
@@ -51,19 +63,12 @@ def serve_rss() -> dict[str, dict[str, float]]:
     out: dict[str, list[float]] = {}
     for p in psutil.process_iter(["cmdline", "memory_info"]):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
+            key = serve_process(" ".join(p.info["cmdline"] or []))
             mem = p.info["memory_info"].rss / 2**20
         except (psutil.Error, TypeError, AttributeError):
             continue
-        if cmd.startswith("ray::ServeReplica:"):
-            key = cmd.split()[0].split(":")[-1].split(".")[0]  # the title may carry the running method
-        elif cmd.startswith("ray::ServeController"):
-            key = "(controller)"
-        elif cmd.startswith("ray::ProxyActor"):
-            key = "(proxy)"
-        else:
-            continue
-        out.setdefault(key, []).append(round(mem, 1))
+        if key is not None:
+            out.setdefault(key, []).append(round(mem, 1))
     return {k: {"processes": len(v), "rss_mb": round(sum(v), 1), "each_mb": v} for k, v in sorted(out.items())}
 
 

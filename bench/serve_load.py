@@ -155,6 +155,7 @@ def cpu_by_process() -> dict[str, float]:
     """CPU seconds so far of every Serve process by deployment (as ``serve_rss`` names them), of
     this process (the load generator) and of everything else on the machine (Ray's own daemons)."""
     import psutil
+    from serve_autoscale import serve_process
 
     out: dict[str, float] = {}
     me = os.getpid()
@@ -162,19 +163,11 @@ def cpu_by_process() -> dict[str, float]:
     known = 0.0
     for p in psutil.process_iter(["cmdline", "cpu_times", "pid"]):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
+            key = "(load generator)" if p.info["pid"] == me else serve_process(" ".join(p.info["cmdline"] or []))
             t = p.info["cpu_times"].user + p.info["cpu_times"].system
         except (psutil.Error, TypeError, AttributeError):
             continue
-        if p.info["pid"] == me:
-            key = "(load generator)"
-        elif cmd.startswith("ray::ServeReplica:"):
-            key = cmd.split()[0].split(":")[-1].split(".")[0]
-        elif cmd.startswith("ray::ServeController"):
-            key = "(controller)"
-        elif cmd.startswith("ray::ProxyActor"):
-            key = "(proxy)"
-        else:
+        if key is None:
             continue
         out[key] = out.get(key, 0.0) + t
         known += t
