@@ -89,7 +89,6 @@ class Backbone:
         self._sources: dict = {}  # multiplex id -> ObjectRef of its model source
         self._prep: dict[str, Preprocess] = {}  # version sha -> its preprocessing
         self._banks: collections.OrderedDict[str, LoadedShard] = collections.OrderedDict()  # searched here
-        self._cpu_search: bool | None = None
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, mid: str) -> PatchModel:
@@ -163,21 +162,20 @@ class Backbone:
         # only compete for the same cores
         model = await self.get_model(mid)
         self.batch_sizes.append(len(items))
-        banks = {}
+        banks = {}  # the banks this batch searches here, loaded before the worker thread runs
         for _, ctx, *_ in items:
-            if ctx.get("search") == "backbone" and ctx["shards"][0]["id"] not in banks:
-                banks[ctx["shards"][0]["id"]] = await self._bank(ctx["shards"][0]["id"], ctx["bank_source"])
+            sid = ctx["shards"][0]["id"]
+            if ctx.get("search") == "backbone" and sid not in banks:
+                banks[sid] = await self._bank(sid, ctx["bank_source"])
         return await asyncio.to_thread(self._answer, model, items, banks)
 
     def _answer(self, model: PatchModel, items: list[tuple], banks: dict[str, LoadedShard]) -> list[dict[str, Any]]:
         """Decode, one forward pass for the batch, one search fan-out per product version in it."""
         torch.set_num_threads(self.threads)  # OpenMP's setting is per thread: this is an executor's
-        if banks and self._cpu_search is not False:
-            self._cpu_search = not next(iter(banks.values())).index.on_gpu
-            if self._cpu_search:
-                import faiss
+        if any(not b.index.on_gpu for b in banks.values()):  # faiss's OpenMP setting is per thread too
+            import faiss
 
-                faiss.omp_set_num_threads(self.threads)
+            faiss.omp_set_num_threads(self.threads)
         out: list[dict[str, Any] | None] = [None] * len(items)
         xs: dict[int, torch.Tensor] = {}
         for j, (data, ctx, _, _, settings) in enumerate(items):
