@@ -48,7 +48,7 @@ def start_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    if not _SHARED["running"]:
+    if not _SHARED["running"] and not ray.is_initialized():  # (an instance a CLI test started: reuse it)
         ray.init(num_cpus=8, include_dashboard=True, object_store_memory=600 * 1024 * 1024, log_to_driver=False)
         _SHARED["running"] = True
     return ray
