@@ -179,7 +179,7 @@ def _steps(trainer, make: Callable[[int], dict], steps: int) -> dict:
     t = time.perf_counter()
     for s in range(steps):
         m = trainer.train_step(make(s))
-        losses.append(m["loss"])
+        losses.append(float(m["loss"]))
         if s == 0:
             _sync()
             first = time.perf_counter() - t

@@ -11,8 +11,14 @@ separately. Ray runs: one worker with all ``--threads`` torch threads (like the 
 worker with one thread less (the Ray Data task that makes the samples gets that core), and two
 workers with half each.
 
+Each path runs once per setting of ``--settings`` (default: ``before``, the NCHW layout with unfolded
+BatchNorm the trainers used until the ``compute`` section, and ``after``, the defaults), interleaved
+path by path so that drift of the machine's speed hits both alike; the summary gives each path's
+after/before ratio.
+
 Usage: python bench/train_throughput.py [--data DATA_ROOT/mvtec_ad --category bottle]
-           [--epochs 3 --steps 2 --batch 16] [--skip-train-all] [--train-all-categories ...]
+           [--epochs 4 --steps 3 --batch 16] [--settings "before:compute.channels_last=false,...;after:"]
+           [--skip-train-all] [--train-all-categories ...]
 Prints one JSON object per measurement and a summary.
 """
 from __future__ import annotations
@@ -40,7 +46,9 @@ def steady(history: list[dict], batch: int) -> dict:
     rows = history[1:] or history
     images = sum(h["steps"] * batch for h in rows)
     seconds = sum(h["seconds"] for h in rows)
-    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3)}
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
+            # per-epoch mean loss, to compare settings (the same computation up to float rounding)
+            "loss_by_epoch": [round(float(h["losses"]["loss"]), 5) for h in history]}
 
 
 def plain(cfg, paths, workdir: Path) -> dict:
@@ -104,10 +112,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(HERE.parent / "shared" / "data" / "mvtec_ad"))
     ap.add_argument("--category", default="bottle")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS,
+                    help="';'-separated LABEL:KEY=VALUE,... config overrides, each measured on every path")
     ap.add_argument("--skip-train-all", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true", help="only the train-all wall times")
     ap.add_argument("--train-all-categories", default="mvtec_ad/bottle,mpdd/metal_plate,magnetic_tile/mt")
@@ -148,24 +158,53 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+DEFAULT_SETTINGS = "before:compute.channels_last=false,compute.fold_batchnorm=false;after:"
+
+
+def parse_settings(text: str) -> dict[str, dict]:
+    """'before:a.b=1,c.d=false;after:' → {"before": {"a.b": 1, "c.d": False}, "after": {}} (YAML values)."""
+    import yaml
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        label, _, body = part.partition(":")
+        out[label] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in filter(None, body.split(",")))}
+    return out
+
+
 def throughput(args, ov: dict, cfg, paths, tmp: Path) -> dict:
     """Plain loop (as ``tocoad fit`` runs it: ``train_tocoad`` sets the workers' allocator setting
-    too) and the Ray pipeline."""
+    too) and the Ray pipeline, each under every setting."""
     import ray
 
-    results = {"plain": plain(cfg, paths, tmp / "plain")}
-    print(json.dumps({"plain": results["plain"]}), flush=True)
+    settings = parse_settings(args.settings)
+    results: dict[str, dict] = {}
+    for label, extra in settings.items():
+        key = f"{label}/plain"
+        results[key] = plain(load_config(None, {**ov, **extra}), paths, tmp / key.replace("/", "_"))
+        print(json.dumps({key: results[key]}), flush=True)
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     # (workers, torch threads per worker): one worker with all threads like the plain loop, one
     # worker leaving a core to the Ray Data task that makes the samples, two workers
     runs = [(1, args.threads), (1, max(1, args.threads - 1)), (2, max(1, args.threads // 2))]
     for workers, threads in dict.fromkeys(runs):
-        c = load_config(None, {**ov, "distributed.num_workers": workers, "distributed.cpus_per_worker": threads})
-        key = f"ray_{workers}w_{threads}t"
-        results[key] = ray_pipeline(c, paths, tmp / key)
-        print(json.dumps({key: results[key]}), flush=True)
-    return {f"{s}_{k}_vs_plain": round(results[k][s]["images_per_s"] / results["plain"][s]["images_per_s"], 3)
-            for s in ("stage1", "stage2") for k in results if k.startswith("ray")}
+        for label, extra in settings.items():
+            c = load_config(None, {**ov, **extra, "distributed.num_workers": workers,
+                                   "distributed.cpus_per_worker": threads})
+            key = f"{label}/ray_{workers}w_{threads}t"
+            results[key] = ray_pipeline(c, paths, tmp / key.replace("/", "_"))
+            print(json.dumps({key: results[key]}), flush=True)
+    summary = {f"{k}_{s}_images_per_s": results[k][s]["images_per_s"] for k in results for s in ("stage1", "stage2")}
+    labels = list(settings)
+    if len(labels) >= 2:  # the last setting against the first, per path
+        first, last = labels[0], labels[-1]
+        for k in results:
+            if k.startswith(first + "/") and f"{last}/{k.split('/', 1)[1]}" in results:
+                path = k.split("/", 1)[1]
+                for s in ("stage1", "stage2"):
+                    summary[f"{s}_{path}_{last}_vs_{first}"] = round(
+                        results[f"{last}/{path}"][s]["images_per_s"] / results[k][s]["images_per_s"], 3)
+    return summary
 
 
 if __name__ == "__main__":

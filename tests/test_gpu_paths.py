@@ -126,7 +126,7 @@ def _stage2_variant(rank: int, cfg: Config, paths: list[str], out: Path) -> None
     for step in range(3):
         rows = [(step * cfg.stage2.batch_size + rank * per_worker + i) % len(images) for i in range(per_worker)]
         batch = make_stage2_batch([images[r] for r in rows], rng=[row_rng(cfg.seed, 2, 0, r) for r in rows], **make)
-        losses.append(trainer.train_step(batch)["loss"])
+        losses.append(float(trainer.train_step(batch)["loss"]))
     changed = sorted({n.split(".")[2] for n, p in extractor.named_parameters() if not torch.equal(p, before[n])})
     digest = float(sum(p.double().sum() for p in extractor.parameters()))
     out.write_text(json.dumps({"losses": losses, "changed": changed, "digest": digest}))

@@ -246,6 +246,30 @@ PRESERVE_KINDS = ("none", "feature", "l2sp")
 
 
 @dataclass
+class ComputeConfig:
+    """How the training steps run on the device (not what they compute): memory layout and
+    numeric precision of stages I and II. Measured in docs/benchmarks.md "Training throughput"."""
+
+    # NHWC tensors for F, D and their inputs: the layout oneDNN (CPU) and cuDNN (GPU) convolve
+    # fastest in; the same losses to float rounding; trained weights are saved in the usual layout
+    channels_last: bool = True
+    # stage II: fold the frozen BatchNorms of F and D into the convolutions before them (the same
+    # function; no separate pass over every activation, forward or backward)
+    fold_batchnorm: bool = True
+    # fp32 | bf16 (autocast; fast on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs) | fp16 (CUDA
+    # only, autocast with a gradient scaler). Losses and optimizer state stay fp32 either way.
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"compute.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+                              f"{did_you_mean(str(self.precision), PRECISIONS)}")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
 class ReConPatchConfig:
     """ReConPatch: linear modulation of patch features trained with relaxed contrastive loss."""
 
@@ -392,6 +416,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     reconpatch: ReConPatchConfig = field(default_factory=ReConPatchConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

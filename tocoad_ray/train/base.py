@@ -17,7 +17,8 @@ class StageTrainer:
     stage: int = 0
     name: str = "stage"
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:  # pragma: no cover - abstract
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
+        """One optimisation step → its metrics (detached scalar tensors or floats)."""
         raise NotImplementedError
 
     def epoch_end_metrics(self, sums: dict[str, float], steps: int) -> dict[str, Any]:
@@ -30,17 +31,22 @@ class StageTrainer:
             raise ValueError(f"{self.name}: expected epoch {self.epoch}, got {epoch} (resume with load_state_dict)")
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         steps = 0
         for batch in batches:
+            # metrics stay device tensors until the epoch ends: no host synchronisation per step
             for k, v in self.train_step(batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums[k] + v if k in sums else v
             steps += 1
         if steps == 0:
             raise ValueError(f"{self.name}: epoch {epoch} had no batches")
+        means = {k: float(v) / steps for k, v in sums.items()}
+        if not math.isfinite(means.get("loss", 0.0)):
+            # raised before the epoch is counted or checkpointed: the last saved epoch stays intact
+            raise FloatingPointError(f"{self.name}: non-finite loss in epoch {epoch + 1} (mean {means['loss']}); "
+                                     "lower the learning rate or check the inputs")
         self.scheduler.step()
         self.epoch = epoch + 1
-        means = {k: v / steps for k, v in sums.items()}
         return {"stage": self.name, "epoch": self.epoch, "steps": steps, "lr": lr,
                 "losses": {k: v for k, v in means.items() if k.startswith("loss")},
                 "seconds": time.perf_counter() - t0, **self.epoch_end_metrics(means, steps)}

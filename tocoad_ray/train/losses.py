@@ -55,12 +55,12 @@ def sym_loss(ps: list[torch.Tensor], zs: list[torch.Tensor]) -> torch.Tensor:
     return total * 2.0 / (m * (m - 1))
 
 
-def projection_std(z: torch.Tensor) -> float:
-    """Collapse guard: mean over dims of the batch std of L2-normalised z. SimSiam collapse → 0;
-    healthy ≈ 1/sqrt(dim)."""
+def projection_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse guard: mean over dims of the batch std of L2-normalised z (a 0-d tensor on z's
+    device, so a step need not wait for it). SimSiam collapse → 0; healthy ≈ 1/sqrt(dim)."""
     if z.shape[0] < 2:
-        return float("nan")
-    return float(Fn.normalize(z.detach().float(), dim=1).std(dim=0).mean())
+        return torch.tensor(float("nan"), device=z.device)
+    return Fn.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 # --- stage II variants (docs/methods.md "Stage II variants") ----------------------------------------------

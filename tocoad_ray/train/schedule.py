@@ -3,9 +3,13 @@ step and row, pure functions of (seed, stage, epoch), so the single-process trai
 pipelines draw the same batches and the same G / view-augmentation randomness."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 STAGE_IDS = {"stage1": 1, "stage2": 2}
 
@@ -53,6 +57,43 @@ def iter_batches(images: Sequence[np.ndarray], batch_size: int, max_steps: int |
     Pure function of (seed, stage, epoch): the Ray pipeline builds the same batches."""
     for rows in epoch_rows(len(images), batch_size, max_steps, seed, stage, epoch):
         yield make([images[i] for i in rows], [row_rng(seed, stage, epoch, i) for i in rows])
+
+
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """``items`` made ``depth`` ahead in a background thread, so the next batch's images (G,
+    the views) are prepared while the current step runs; same items, same order. An exception in
+    the producer is raised here, at the item it stopped at."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((False, e))
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (an error in the step): let the producer end
 
 
 def per_image(rng: np.random.Generator | Sequence[np.random.Generator], n: int) -> list[np.random.Generator]:

@@ -18,6 +18,7 @@ from ..models.backbone import FeatureExtractor
 from ..models.discriminator import Discriminator
 from .base import StageTrainer, milestones
 from .losses import ce_loss, focal_loss
+from .precision import StepCompute, usual_layout
 from .schedule import per_image
 from .seeding import seeded_init
 
@@ -63,38 +64,38 @@ class Stage1Trainer(StageTrainer):
         self.extractor = extractor.to(self.device).eval()
         for p in self.extractor.parameters():
             p.requires_grad_(False)
-        self.discriminator = (discriminator or build_discriminator(cfg, extractor)).to(self.device)
+        self.compute = StepCompute(cfg.compute, self.device)
+        self.compute.module(self.extractor)
+        self.discriminator = self.compute.module((discriminator or build_discriminator(cfg, extractor)).to(self.device))
         self.d_forward: torch.nn.Module = self.discriminator  # DDP-wrapped by distribute()
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.scfg.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones(self.scfg.epochs), gamma=self.scfg.lr_decay)
         self.epoch = 0
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = batch["image"].to(self.device, non_blocking=True)
+        x = self.compute.batch(batch["image"])
         m = batch["mask"].to(self.device, non_blocking=True)
-        with torch.no_grad():
-            self.extractor.eval()
-            feats = self.extractor(x)
-        logits = self.d_forward(feats, out_size=tuple(x.shape[-2:]))
-        return pixel_loss(logits, m, self.scfg.loss, self.scfg.focal_gamma, self.scfg.focal_alpha)
+        with self.compute.autocast():
+            with torch.no_grad():
+                self.extractor.eval()
+                feats = self.extractor(x)
+            logits = self.d_forward(feats, out_size=tuple(x.shape[-2:]))
+        return pixel_loss(logits.float(), m, self.scfg.loss, self.scfg.focal_gamma, self.scfg.focal_alpha)
 
     def distribute(self, wrap) -> None:
         """Data-parallel training: ``wrap`` (e.g. ``ray.train.torch.prepare_model``) wraps D in DDP;
         F is frozen and stays local. State dicts keep the unwrapped D's names."""
         self.d_forward = wrap(self.discriminator)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step; the loss comes back as a detached tensor (non-finite: raised at the epoch's end)."""
         self.discriminator.train()
         loss = self.loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"stage1: non-finite loss {loss.item()} at epoch {self.epoch}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item()}
+        self.compute.step(loss, self.optimizer)
+        return {"loss": loss.detach()}
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.discriminator.state_dict())
+        return usual_layout(self.discriminator.state_dict())
 
     def load_model_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.discriminator.load_state_dict(sd)

@@ -47,6 +47,7 @@ from ..models.backbone import FeatureExtractor
 from ..models.contrastive import ContrastiveHead
 from ..models.discriminator import Discriminator
 from .base import StageTrainer
+from .bn_folding import fold_frozen_bn
 from .losses import (
     dense_sym_loss,
     feature_preservation,
@@ -54,6 +55,7 @@ from .losses import (
     sym_loss,
     weight_preservation,
 )
+from .precision import StepCompute
 from .schedule import per_image
 from .seeding import seeded_init
 from .stage1 import pixel_loss, stage1_sample
@@ -150,14 +152,17 @@ class Stage2Trainer(StageTrainer):
         missing = [l for l in self.layers if l not in extractor.channels]
         if missing:
             raise ValueError(f"extractor lacks stage2 layer(s) {missing}; build it with train.extractor.build_extractor")
-        self.extractor = extractor.to(self.device)
+        self.compute = StepCompute(cfg.compute, self.device)
+        self.extractor = self.compute.module(extractor.to(self.device))
         self.discriminator = discriminator
         if discriminator is not None:
-            discriminator.to(self.device).eval()
+            self.compute.module(discriminator.to(self.device)).eval()
             for p in discriminator.parameters():
                 p.requires_grad_(False)
+        self._fold_batchnorm(extractor, discriminator)
         self.head = seeded_init(cfg.seed, 2, lambda: ContrastiveHead(
             {l: extractor.channels[l] for l in self.layers}, proj_dim=s.proj_dim, pred_hidden=s.pred_hidden)).to(self.device)
+        self.compute.module(self.head)
         self.target_extractor = self.target_head = None
         if s.target == "byol":
             self.target_extractor = copy.deepcopy(self.extractor).eval()
@@ -194,6 +199,23 @@ class Stage2Trainer(StageTrainer):
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, s.epochs))
         self.epoch = 0
 
+    def _fold_batchnorm(self, extractor: FeatureExtractor, discriminator: Discriminator | None) -> None:
+        """F's BN statistics are frozen and D is frozen: fold their BNs into the convolutions
+        (``bn_folding``; same outputs, no per-activation BN pass), checked on a small example."""
+        if not self.cfg.compute.fold_batchnorm:
+            return
+        size = self.cfg.data.input_size
+        x = self.compute.batch(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+        fold_frozen_bn(extractor, lambda f: f(x))
+        if discriminator is not None:
+            modes = {m: m.training for m in extractor.modules()}
+            extractor.eval()  # a module in training mode would update F's BN statistics here
+            with torch.no_grad():
+                feats = extractor(x)
+            for m, mode in modes.items():
+                m.training = mode
+            fold_frozen_bn(discriminator, lambda d: d(feats, out_size=(size, size)))
+
     def distribute(self, wrap) -> None:
         """Data-parallel training: ``wrap`` (e.g. ``ray.train.torch.prepare_model``) wraps F + C
         (``Stage2Net``) in DDP; the frozen D and the EMA target stay local (no gradients)."""
@@ -215,13 +237,21 @@ class Stage2Trainer(StageTrainer):
     # --- step -------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Forward pass → {"loss", "loss_sym", ["loss_neg"], ["loss_pres"]} tensors and the online z's ("z")."""
-        s = self.scfg
         self._set_modes()  # F's BN statistics frozen whoever calls (F = F0 exactly at initialisation)
-        views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
+        with self.compute.autocast():
+            out = self._losses(batch)
+        return out
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        s = self.scfg
+        views = [self.compute.batch(v) for v in batch["views"]]
         m, b = len(views), views[0].shape[0]
         use_neg = self.discriminator is not None and batch.get("image") is not None
-        xs = views + ([batch["image"].to(self.device, non_blocking=True)] if use_neg else [])
-        feats, zs_l, ps_l = self.net_forward(torch.cat(xs), m, b)
+        xs = views + ([self.compute.batch(batch["image"])] if use_neg else [])
+        x = torch.cat(xs)
+        if self.compute.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats, zs_l, ps_l = self.net_forward(x, m, b)
         if self.target_extractor is not None:
             with torch.no_grad():
                 tfeats = self.target_extractor(torch.cat(views))
@@ -250,7 +280,7 @@ class Stage2Trainer(StageTrainer):
         if use_neg:
             gfeats = {k: v[m * b:] for k, v in feats.items()}
             logits = self.discriminator(gfeats, out_size=tuple(xs[-1].shape[-2:]))
-            l_neg = pixel_loss(logits, batch["mask"].to(self.device, non_blocking=True), s.loss,
+            l_neg = pixel_loss(logits.float(), batch["mask"].to(self.device, non_blocking=True), s.loss,
                                self.cfg.stage1.focal_gamma, self.cfg.stage1.focal_alpha)
             out["loss_neg"] = l_neg
             out["loss"] = s.lam * l_sym + (1.0 - s.lam) * l_neg  # eq. 6
@@ -273,18 +303,14 @@ class Stage2Trainer(StageTrainer):
             anchor = self.anchor_extractor(first_view)
         return feature_preservation({l: feats[l][:batch] for l in self.preserve_layers}, anchor, self.preserve_layers)
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One step; metrics come back as detached tensors (non-finite loss: raised at the epoch's end)."""
         out = self.losses(batch)  # sets the train/eval modes
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"stage2: non-finite loss {loss.item()} at epoch {self.epoch}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.compute.step(out["loss"], self.optimizer)
         if self.target_head is not None:
             self._ema_update()
-        metrics = {k: v.item() for k, v in out.items() if k.startswith("loss")}
-        metrics.update({f"sym/{l}": float(v) for l, v in out["sym_layers"].items()})
+        metrics = {k: v.detach() for k, v in out.items() if k.startswith("loss")}
+        metrics.update({f"sym/{l}": v for l, v in out["sym_layers"].items()})
         metrics["proj_std"] = sum(projection_std(z) for z in out["z"]) / len(out["z"])
         return metrics
 
@@ -307,10 +333,10 @@ class Stage2Trainer(StageTrainer):
 
     # --- state ------------------------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = {f"F.{k}": v for k, v in self.extractor.body.state_dict().items()}
+        sd = {f"F.{k}": v.contiguous() for k, v in self.extractor.body.state_dict().items()}
         sd.update({f"C.{k}": v for k, v in self.head.state_dict().items()})
         if self.target_head is not None:
-            sd.update({f"TF.{k}": v for k, v in self.target_extractor.body.state_dict().items()})
+            sd.update({f"TF.{k}": v.contiguous() for k, v in self.target_extractor.body.state_dict().items()})
             sd.update({f"TC.{k}": v for k, v in self.target_head.state_dict().items()})
         return sd
 

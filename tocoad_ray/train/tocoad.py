@@ -28,9 +28,10 @@ from .checkpoint import (
     read_pointer,
     save_checkpoint,
 )
+from .bn_folding import unfold_bn
 from .extractor import build_extractor, needed_layers
 from .images import prepare_images
-from .schedule import STAGE_IDS, iter_batches, steps_per_epoch
+from .schedule import STAGE_IDS, iter_batches, prefetched, steps_per_epoch
 from .seeding import seeded_init
 from .stage1 import Stage1Trainer, make_stage1_batch
 from .stage2 import Stage2Trainer, make_stage2_batch
@@ -75,7 +76,8 @@ def _run_stage(trainer, stage: str, cfg_stage, workdir: Path, make_batch: Callab
         clear_checkpoint(sdir)
     b, steps = steps_per_epoch(len(images), cfg_stage.batch_size, cfg_stage.max_steps_per_epoch)
     for epoch in range(trainer.epoch, cfg_stage.epochs):
-        batches = iter_batches(images, cfg_stage.batch_size, cfg_stage.max_steps_per_epoch, seed, STAGE_IDS[stage], epoch, make_batch)
+        batches = prefetched(iter_batches(images, cfg_stage.batch_size, cfg_stage.max_steps_per_epoch, seed,
+                                          STAGE_IDS[stage], epoch, make_batch))
         bar = tqdm(batches, total=steps, disable=not progress, desc=f"{stage} {epoch + 1}/{cfg_stage.epochs}", leave=False)
         metrics = trainer.train_epoch(bar, epoch)
         save_checkpoint(sdir, trainer.state_dict(), {"stage": stage, "epochs_planned": cfg_stage.epochs, "fingerprint": fp})
@@ -126,7 +128,8 @@ def train_tocoad(cfg: Config, images: Sequence[np.ndarray | str | Path], workdir
                         generator=generator if discriminator is not None else None)
         _run_stage(t2, "stage2", cfg.stage2, workdir, lambda ims, rng: make2(ims, rng=rng), imgs, cfg.seed, resume,
                    progress, log, _stage_fingerprint(cfg, "stage2"))
-    extractor.eval()
+    unfold_bn(extractor)  # back from the training form and layout
+    extractor.to(memory_format=torch.contiguous_format).eval()
     extractor.refresh_checksum()
     return {k: v.detach().cpu().clone() for k, v in extractor.body.state_dict().items()}
 
