@@ -214,7 +214,7 @@ def plot(summary: dict, category: str, path: Path) -> None:
 
     from tocoad_ray.run_report import save_figure
 
-    panels = ("val_score", "image_auroc", "pixel_auroc")
+    panels = ("val_score", "image_auroc", "pixel_auroc", "aupro")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     colours = {"paper": "tab:red", "default": "tab:blue"}
     for ax, key in zip(axes[0], panels):
@@ -244,6 +244,7 @@ def main() -> None:
     ap.add_argument("--coreset", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default="runs/paper_schedule")
+    ap.add_argument("--report-only", action="store_true", help="summarise and plot what --out holds; train nothing")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -260,7 +261,7 @@ def main() -> None:
                                    "torch": torch.__version__}}), flush=True)
     paths = [s.path for s in load_split(args.data, args.category, args.layout).train]
     t = time.perf_counter()
-    for seed in args.seeds:
+    for seed in ([] if args.report_only else args.seeds):
         train_seed(args, seed, paths, out, log)
         test_checkpoints(args, seed, out, log)
     summary = {"category": args.category, "commit": commit, "wall_s": round(time.perf_counter() - t, 1),

@@ -109,6 +109,11 @@ def test_suggestions_for_mistyped_commands_keys_and_categories(capsys, data_root
     # a category is checked (and suggested) before any Ray instance starts
     import ray
 
+    from .ray_fixtures import release_shared_ray
+
+    release_shared_ray()  # an instance another module left running would hide a start here
+    ray.shutdown()
+
     _one_line_error(capsys, ["train-all", "--data", str(data_root / "mvtec_ad"), "--categories", "bottel",
                              "--out", str(tmp_path / "t")], "bottel", "did you mean 'bottle'", "available: bottle")
     _one_line_error(capsys, ["tune", "--data", str(data_root / "mvtec_ad"), "--categories", "botle",
