@@ -29,6 +29,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -166,7 +167,7 @@ def test_checkpoints(args, seed: int, out: Path, log) -> None:
                    "seconds": round(time.perf_counter() - t, 1)}
             atomic_write_json(res_file, row)
             print(json.dumps(row), flush=True)
-            subprocess.run(["rm", "-rf", str(art)], check=False)  # the weights file stays; the bank is rebuilt on demand
+            shutil.rmtree(art, ignore_errors=True)  # the weights file stays; the bank is rebuilt on demand
 
 
 def atomic_write_json(path: Path, obj) -> None:
