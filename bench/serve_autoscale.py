@@ -103,8 +103,10 @@ def main() -> int:
     from ray import serve
 
     from serve.app import build_app
-    from serve.cli import proxy_logging
+    from serve.cli import proxy_logging, serve_environment
     from serve.config import from_dict
+
+    serve_environment()  # as `tocoad serve` starts its local Ray
 
     bodies = request_bodies(args.images)
     url, port = loopback_url()

@@ -9,9 +9,12 @@ share of the ceiling, p50/p95/p99 latency, errors; the resident memory of every 
 deployment; optionally (``--kill``) one level while a BankShard replica is killed (errors, time to
 recovery). One JSON line per measurement.
 
-This VM's speed drifts (the ceiling moved by a quarter within one run), so with ``--ceiling-each``
-(default 8 s) the ceiling is also measured right before every level, with the service idle, and
-``of_ceiling`` divides by that adjacent figure (``of_start_ceiling`` by the first one).
+This VM's speed drifts (the ceiling moved by a quarter within one run, and by a third between
+8 s windows minutes apart), so every single-image level alternates ``--rounds`` rounds of the
+ceiling (``--ceiling-each`` seconds, the service idle) and of the load (a share of the requests);
+``of_ceiling`` divides the service's images/s over its rounds by the library's over the
+interleaved rounds (``of_start_ceiling`` by the figure measured before the service started). The
+batch levels keep one adjacent ceiling window each.
 
     python bench/serve_load.py --artifact runs/bench_scoring/mvtec_ad_bottle
 """
@@ -43,16 +46,51 @@ def _pct(lat: list[float], q: float) -> float | None:
     return round(float(np.percentile(lat, q)) * 1000, 1) if lat else None
 
 
+class _Client:
+    """POSTs over keep-alive connections with ``aiohttp`` (default: it spends about a third of the
+    CPU per request that ``httpx`` does, and on a small machine the load generator's CPU is taken
+    from the service it measures) or ``httpx``."""
+
+    def __init__(self, kind: str, url: str, concurrency: int, timeout: float):
+        self.kind, self.url, self.concurrency, self.timeout = kind, url, concurrency, timeout
+
+    async def __aenter__(self):
+        if self.kind == "aiohttp":
+            import aiohttp
+
+            self._c = aiohttp.ClientSession(base_url=self.url, connector=aiohttp.TCPConnector(limit=self.concurrency),
+                                            timeout=aiohttp.ClientTimeout(total=self.timeout))
+        else:
+            import httpx
+
+            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+            self._c = httpx.AsyncClient(base_url=self.url, timeout=self.timeout, limits=limits)
+        await self._c.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self._c.__aexit__(*exc)
+
+    async def post(self, path: str, body: bytes) -> int:
+        """The response's status code (the body is read)."""
+        if self.kind == "aiohttp":
+            async with self._c.post(path, data=body, headers={"content-type": "application/octet-stream"}) as r:
+                await r.read()
+                return r.status
+        r = await self._c.post(path, content=body)
+        return r.status_code
+
+
+CLIENT = "aiohttp"  # --client
+
+
 async def load_level(url: str, product: str, bodies: list[bytes], n: int, concurrency: int, cap_s: float,
                      on_progress=None) -> dict:
     """``n`` POSTs with ``concurrency`` in flight, stopped at ``cap_s`` seconds."""
-    import httpx
-
     lat, errors, codes, t_ok = [], 0, {}, []
     nxt = 0
     t0 = time.perf_counter()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+    async with _Client(CLIENT, url, concurrency, 60) as c:
         async def worker():
             nonlocal nxt, errors
             while nxt < n and time.perf_counter() - t0 < cap_s:
@@ -60,8 +98,7 @@ async def load_level(url: str, product: str, bodies: list[bytes], n: int, concur
                 nxt += 1
                 t = time.perf_counter()
                 try:
-                    r = await c.post(f"/v1/products/{product}/score", content=bodies[i % len(bodies)])
-                    code = r.status_code
+                    code = await c.post(f"/v1/products/{product}/score", bodies[i % len(bodies)])
                 except Exception as e:  # connection errors count as errors too
                     code = type(e).__name__
                 dt = time.perf_counter() - t
@@ -79,7 +116,22 @@ async def load_level(url: str, product: str, bodies: list[bytes], n: int, concur
     return {"concurrency": concurrency, "sent": nxt, "ok": len(lat), "errors": errors, "status_counts": codes,
             "wall_s": round(wall, 2), "throughput_rps": round(len(lat) / wall, 2),
             "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95), "p99_ms": _pct(lat, 99), "capped": wall >= cap_s,
-            "_t_ok": t_ok}
+            "_t_ok": t_ok, "_lat": lat}
+
+
+def merge_levels(parts: list[dict]) -> dict:
+    """One level measured in several rounds → its totals (throughput over the rounds' summed wall time)."""
+    lat = [x for p in parts for x in p["_lat"]]
+    codes: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["status_counts"].items():
+            codes[k] = codes.get(k, 0) + v
+    wall = sum(p["wall_s"] for p in parts)
+    return {"concurrency": parts[0]["concurrency"], "rounds": len(parts), "sent": sum(p["sent"] for p in parts),
+            "ok": len(lat), "errors": sum(p["errors"] for p in parts), "status_counts": codes,
+            "wall_s": round(wall, 2), "throughput_rps": round(len(lat) / wall, 2) if wall else 0.0,
+            "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95), "p99_ms": _pct(lat, 99),
+            "capped": any(p["capped"] for p in parts)}
 
 
 async def batch_level(url: str, product: str, bodies: list[bytes], n: int, per_request: int, concurrency: int,
@@ -215,6 +267,19 @@ def with_search(artifact: str, search: str, tmp: Path) -> str:
     return str(dst)
 
 
+def service_settings(pairs: list[str]) -> dict:
+    """["backbone.batch_wait_timeout_s=0", ...] → {"backbone.batch_wait_timeout_s": 0, ...} (YAML values)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=str(ROOT / "runs/bench_scoring/mvtec_ad_bottle"))
@@ -232,31 +297,48 @@ def main() -> int:
     ap.add_argument("--kill-concurrency", type=int, default=4)
     ap.add_argument("--ceiling-batch", type=int, default=16)
     ap.add_argument("--ceiling-seconds", type=float, default=20.0)
-    ap.add_argument("--ceiling-each", type=float, default=8.0,
-                    help="seconds of ceiling measured before every level (0: only before and after)")
+    ap.add_argument("--ceiling-each", type=float, default=5.0,
+                    help="seconds of ceiling per round of a level (0: only before and after)")
+    ap.add_argument("--ceiling-sweep", default="4",
+                    help="other batch sizes the library is also measured at before the service ('' for none)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="each single-image level alternates this many (ceiling, load) rounds")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray")
     ap.add_argument("--backbone-max-replicas", type=int, default=1)
+    ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="the load generator's HTTP client")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a service setting (serve/config.yaml's keys, dotted; YAML value), e.g. "
+                         "backbone.batch_wait_timeout_s=0; repeatable")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    global CLIENT
+    CLIENT = args.client
     import ray
     from ray import serve
 
     from serve.app import build_app
-    from serve.cli import proxy_logging
+    from serve.cli import proxy_logging, serve_environment
     from serve_autoscale import serve_rss
+
+    serve_environment()  # as `tocoad serve` starts its local Ray
 
     bodies = request_bodies(args.images)
     tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(json.dumps({"bench": "settings", "commit": commit, "artifact": args.artifact, "shards": args.shards,
                       "requests": args.requests, "time_cap_s": args.time_cap, "images": len(bodies),
-                      "host": platform.node(), "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus}), flush=True)
+                      "host": platform.node(), "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus,
+                      "service_settings": service_settings(args.set), "client": args.client,
+                      "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}), flush=True)
     try:
         for search in args.searches.split(","):
             art = with_search(args.artifact, search, tmp)
             ceil = ceiling(art, bodies, args.ceiling_batch, args.ceiling_seconds)
             print(json.dumps({**ceil, "when": "before"}), flush=True)
+            for b in [int(x) for x in args.ceiling_sweep.split(",") if x and int(x) != args.ceiling_batch]:
+                # the library at other batch sizes: which one this CPU likes (the service's max_batch_size)
+                print(json.dumps({**ceiling(art, bodies, b, args.ceiling_each * 2), "when": "sweep"}), flush=True)
             serve_once(art, search, args, bodies, ceil["images_per_s"], ray, serve, build_app, proxy_logging,
                        serve_rss)
             print(json.dumps({**ceiling(art, bodies, args.ceiling_batch, args.ceiling_seconds), "when": "after"}),
@@ -275,6 +357,12 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
            "shards": {"min_replicas": 1, "max_replicas": 1}}
     if args.local_bank_max_mb is not None:
         svc["local_bank_max_mb"] = args.local_bank_max_mb
+    for key, value in service_settings(args.set).items():
+        node = svc
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=300 << 20, log_to_driver=False)
     try:
         import httpx
@@ -297,11 +385,21 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
             return ceiling(art, bodies, args.ceiling_batch, args.ceiling_each)["images_per_s"]
 
         for c in [int(x) for x in args.concurrency.split(",")]:
-            near = adjacent()
-            cpu0 = cpu_by_process()
-            res = asyncio.run(load_level(url, "p", bodies, args.requests, c, args.time_cap))
-            res.pop("_t_ok")
-            res["cpu_ms_per_image"] = cpu_ms_per_image(cpu0, cpu_by_process(), res["ok"])
+            # rounds of (the library's speed, the service's): both sample the same stretch of the
+            # machine's drifting speed; each side's figure is its total over the rounds
+            parts, cpu, ceil_img, ceil_s = [], {}, 0.0, 0.0
+            for r in range(args.rounds):
+                if args.ceiling_each > 0:
+                    cr = ceiling(art, bodies, args.ceiling_batch, args.ceiling_each)
+                    ceil_img, ceil_s = ceil_img + cr["images"], ceil_s + cr["wall_s"]
+                cpu0 = cpu_by_process()
+                part = asyncio.run(load_level(url, "p", bodies, args.requests // args.rounds, c, args.time_cap))
+                for k, v in cpu_ms_per_image(cpu0, cpu_by_process(), 1).items():
+                    cpu[k] = cpu.get(k, 0.0) + v
+                parts.append(part)
+            near = round(ceil_img / ceil_s, 2) if ceil_s else ceil
+            res = merge_levels(parts)
+            res["cpu_ms_per_image"] = {k: round(v / max(res["ok"], 1), 1) for k, v in cpu.items()}
             print(json.dumps({"bench": "serve_load", "route": "score", "search": search, **res,
                               "ceiling_images_per_s": near, "of_ceiling": round(res["throughput_rps"] / near, 3),
                               "of_start_ceiling": round(res["throughput_rps"] / ceil, 3),
@@ -334,6 +432,7 @@ def serve_once(art, search, args, bodies, ceil, ray, serve, build_app, proxy_log
             t0 = time.perf_counter()
             res = asyncio.run(load_level(url, "p", bodies, n, args.kill_concurrency, args.time_cap, progress))
             t_ok = res.pop("_t_ok")
+            res.pop("_lat")
             t_kill = killed.get("t", t0) - t0
             after = [x for x in t_ok if x > t_kill]
             gaps = np.diff([t_kill] + after) if after else []

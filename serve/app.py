@@ -246,6 +246,8 @@ class Ingress:
                                            tag_keys=("product",))
         # drift watch: per product, this replica's last scores vs the artifact's normal scores
         self._drift: dict[str, tuple[tuple, DriftWindow]] = {}
+        self._drift_gauged: dict[str, float] = {}  # product -> when its drift gauges were last set
+        self._drift_pending: set[str] = set()  # products with a gauge update scheduled
         self.m_drift = {k: metrics.Gauge(f"tocoad_drift_{k}", help_, tag_keys=("product",)) for k, help_ in (
             ("ks", "KS statistic D: window scores vs the artifact's leave-one-out normal scores"),
             ("ks_pvalue", "p-value of the KS shift"),
@@ -339,14 +341,30 @@ class Ingress:
                 ref = reference_scores({"normal_scores": info.get("normal_scores"), "score_stats": info["score_stats"]})
                 cur = (key, DriftWindow(ref, info["threshold"], **d))
                 self._drift[info["name"]] = cur
-            st = cur[1].add(scores)
-            tags = {"product": info["name"]}
-            for k, v in (("ks", st["ks"]), ("ks_pvalue", st["ks_pvalue"]), ("share_above", st["share_above"]),
-                         ("alarm", float(st["alarm"])), ("window_images", st["images"])):
-                if v is not None:
-                    self.m_drift[k].set(float(v), tags=tags)
+            cur[1].push(scores)
+            # the gauges at most once a second per product (a KS test and five metric records per
+            # request cost the ingress more than routing the request); the last change is never lost
+            name = info["name"]
+            wait = self._drift_gauged.get(name, -1.0) + 1.0 - time.monotonic()
+            if wait <= 0:
+                self._gauge_drift(name)
+            elif name not in self._drift_pending:
+                self._drift_pending.add(name)
+                asyncio.get_running_loop().call_later(wait, self._gauge_drift, name)
         except Exception as e:  # noqa: BLE001 - the watch must never fail a scored request
             log.warning("drift watch for %r failed: %s", info.get("name"), e)
+
+    def _gauge_drift(self, name: str) -> None:
+        self._drift_pending.discard(name)
+        cur = self._drift.get(name)
+        if cur is None:
+            return
+        self._drift_gauged[name] = time.monotonic()
+        st, tags = cur[1].stats(), {"product": name}
+        for k, v in (("ks", st["ks"]), ("ks_pvalue", st["ks_pvalue"]), ("share_above", st["share_above"]),
+                     ("alarm", float(st["alarm"])), ("window_images", st["images"])):
+            if v is not None:
+                self.m_drift[k].set(float(v), tags=tags)
 
     def _drift_view(self, name: str, info: dict[str, Any]) -> dict[str, Any] | None:
         cur = self._drift.get(name)

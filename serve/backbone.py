@@ -18,6 +18,7 @@ import asyncio
 import collections
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -82,10 +83,13 @@ class Backbone:
         torch.set_num_threads(self.threads)
         self.shard = shard
         self._batches = Coalescer(self._score_batch, max_batch_size, batch_wait_timeout_s)
+        # uploads are decoded as they arrive, while the previous batch's forward pass runs: decoding
+        # is single-threaded work that would otherwise leave cores idle at the start of every batch
+        self._decoder = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
         # the last 1,000 of each (deques: no copy per request)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         self.in_replica: collections.deque[float] = collections.deque(maxlen=1000)  # s per request, queue included
-        self.seconds: collections.deque[tuple] = collections.deque(maxlen=1000)  # per batch: images, decode + F, the rest
+        self.seconds: collections.deque[tuple] = collections.deque(maxlen=1000)  # per batch: images, F, the rest
         self._sources: dict = {}  # multiplex id -> ObjectRef of its model source
         self._prep: dict[str, Preprocess] = {}  # version sha -> its preprocessing
         self._banks: collections.OrderedDict[str, LoadedShard] = collections.OrderedDict()  # searched here
@@ -142,11 +146,20 @@ class Backbone:
         the client must fix (so no exception crosses the deployment boundary for bad input)."""
         self._remember(serve.get_multiplexed_model_id(), source)
         t0 = time.perf_counter()
-        # straight into the batch queue: uploads sent together (the batch route, or clients at
-        # the same moment) meet in one batch, decoded there
-        out = await self._batches.submit(serve.get_multiplexed_model_id(), (data, ctx, map_mode, threshold, settings))
+        out = await self._decode_and_submit(serve.get_multiplexed_model_id(), data, ctx, map_mode, threshold, settings)
         self.in_replica.append(time.perf_counter() - t0)
         return out
+
+    async def _decode_and_submit(self, mid: str, data: bytes, ctx: dict[str, Any], map_mode: str | None,
+                                 threshold: float | None, settings: dict[str, Any]) -> dict[str, Any]:
+        """Decode on the decoder threads, then join the batch queue (uploads arriving together, from
+        the batch route or from clients at the same moment, meet in one batch)."""
+        try:
+            x = await asyncio.get_running_loop().run_in_executor(self._decoder, self._decode, data, ctx,
+                                                                 settings["max_pixels"])
+        except ServeError as e:
+            return {"error": e.code, "status": e.status, "detail": e.detail}
+        return await self._batches.submit(mid, (x, ctx, map_mode, threshold, settings))
 
     async def score_many(self, uploads: list[bytes], ctx: dict[str, Any], source: list, map_mode: str | None,
                          threshold: float | None, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -154,7 +167,7 @@ class Backbone:
         queue together, so they share forward passes (and other clients' images may join them)."""
         self._remember(serve.get_multiplexed_model_id(), source)
         mid = serve.get_multiplexed_model_id()
-        return list(await asyncio.gather(*(self._batches.submit(mid, (d, ctx, map_mode, threshold, settings))
+        return list(await asyncio.gather(*(self._decode_and_submit(mid, d, ctx, map_mode, threshold, settings)
                                            for d in uploads)))
 
     async def _score_batch(self, mid: str, items: list[tuple]) -> list[dict[str, Any]]:
@@ -170,21 +183,14 @@ class Backbone:
         return await asyncio.to_thread(self._answer, model, items, banks)
 
     def _answer(self, model: PatchModel, items: list[tuple], banks: dict[str, LoadedShard]) -> list[dict[str, Any]]:
-        """Decode, one forward pass for the batch, one search fan-out per product version in it."""
+        """One forward pass for the batch (decoded images), one search fan-out per product version in it."""
         torch.set_num_threads(self.threads)  # OpenMP's setting is per thread: this is an executor's
         if any(not b.index.on_gpu for b in banks.values()):  # faiss's OpenMP setting is per thread too
             import faiss
 
             faiss.omp_set_num_threads(self.threads)
         out: list[dict[str, Any] | None] = [None] * len(items)
-        xs: dict[int, torch.Tensor] = {}
-        for j, (data, ctx, _, _, settings) in enumerate(items):
-            try:
-                xs[j] = self._decode(data, ctx, settings["max_pixels"])
-            except ServeError as e:
-                out[j] = {"error": e.code, "status": e.status, "detail": e.detail}
-        if not xs:
-            return out
+        xs: dict[int, torch.Tensor] = {j: item[0] for j, item in enumerate(items)}
         good = sorted(xs)
         t0 = time.perf_counter()
         rows, (h, w) = model.embed(torch.stack([xs[j] for j in good]))
@@ -217,6 +223,6 @@ class Backbone:
         bs = self.batch_sizes
         n, fwd, rest = (np.sum(list(self.seconds), 0) if self.seconds else (0, 0.0, 0.0))
         return {"batches": len(bs), "mean_batch_size": float(np.mean(bs)) if bs else 0.0,
-                "decode_forward_ms_per_image": round(1000 * float(fwd) / n, 1) if n else None,
+                "forward_ms_per_image": round(1000 * float(fwd) / n, 1) if n else None,
                 "search_answer_ms_per_image": round(1000 * float(rest) / n, 1) if n else None,
                 "ms_in_replica": round(1000 * float(np.mean(self.in_replica)), 1) if self.in_replica else None}

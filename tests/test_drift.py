@@ -42,6 +42,17 @@ def test_reference_from_stored_quantiles_and_bounded_window():
     st = w.stats()
     assert len(w.scores) == 50 and len(w.trend) == 3 and st["seen"] == 1000 and st["images"] == 50
     assert st["alarm"] is False
+    # push (the service's path: statistics only when asked for) ends where add does
+    v = DriftWindow(ref, threshold=3.5, window=50, min_images=20, trend_every=10, trend_points=3)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        v.push(rng.choice(ref, 25))
+    pushed = v.stats()
+    assert {k: pushed[k] for k in ("ks", "share_above", "alarm", "images", "seen")} == \
+        {k: st[k] for k in ("ks", "share_above", "alarm", "images", "seen")}
+    assert [t[1:] for t in v.trend] == [t[1:] for t in w.trend]
+    v.push([9.0] * 50)  # a shifted window: the next stats see it
+    assert v.stats()["alarm"] is True
     quiet = drift_stats(np.array([2.0] * 5 + [9.0] * 5), ref, 3.5, min_images=20)
     assert quiet["alarm"] is False and quiet["share_above"] == 0.5  # too few images to raise it
 

@@ -123,7 +123,7 @@ def service(tiny):
     from ray import serve
 
     from serve.app import build_app
-    from serve.cli import proxy_logging
+    from serve.cli import proxy_logging, serve_environment
     from serve.registry import effective_config
 
     (tiny["base"] / "live").mkdir(exist_ok=True)
@@ -131,6 +131,7 @@ def service(tiny):
     _write_config(cfg, tiny)
     port = _free_port()
     release_shared_ray()
+    added = serve_environment()  # Ray Serve's settings as `tocoad serve` starts its local Ray
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port},
@@ -148,6 +149,8 @@ def service(tiny):
             serve.shutdown()
         finally:
             ray.shutdown()
+            for k in added:
+                os.environ.pop(k, None)
 
 
 def _wait(cond, timeout=60.0, step=0.25):

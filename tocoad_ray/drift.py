@@ -136,6 +136,12 @@ class DriftWindow:
         self._stats: dict[str, Any] | None = None
 
     def add(self, scores) -> dict[str, Any]:
+        """``push`` the scores, then the window's statistics."""
+        self.push(scores)
+        return self.stats()
+
+    def push(self, scores) -> None:
+        """Append scores (the statistics are computed at the trend points and when asked for)."""
         for s in np.atleast_1d(np.asarray(scores, np.float64)):
             self.scores.append(float(s))
             self.seen += 1
@@ -143,7 +149,6 @@ class DriftWindow:
                 st = self.stats(fresh=True)
                 self.trend.append([round(time.time(), 3), st["ks"], st["share_above"], float(st["alarm"])])
         self._stats = None
-        return self.stats()
 
     def stats(self, fresh: bool = False) -> dict[str, Any]:
         if fresh or self._stats is None:
