@@ -55,7 +55,7 @@ from .losses import (
     sym_loss,
     weight_preservation,
 )
-from .precision import StepCompute
+from .precision import StepCompute, out_of_place_activations
 from .schedule import per_image
 from .seeding import seeded_init
 from .stage1 import pixel_loss, stage1_sample
@@ -160,6 +160,10 @@ class Stage2Trainer(StageTrainer):
             for p in discriminator.parameters():
                 p.requires_grad_(False)
         self._fold_batchnorm(extractor, discriminator)
+        # gradients pass through F's and D's activations: in place, autograd would copy each input
+        out_of_place_activations(extractor)
+        if discriminator is not None:
+            out_of_place_activations(discriminator)
         self.head = seeded_init(cfg.seed, 2, lambda: ContrastiveHead(
             {l: extractor.channels[l] for l in self.layers}, proj_dim=s.proj_dim, pred_hidden=s.pred_hidden)).to(self.device)
         self.compute.module(self.head)
