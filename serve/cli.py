@@ -101,7 +101,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--http-front", choices=list(FRONTS), default="auto",
                    help="embedded local Ray only: what takes the HTTP connections: haproxy (no Python proxy in the "
                         "path), proxy (Ray Serve's), auto = haproxy where its binary is installed (ray[serve] on "
-                        "Linux ships one); on a cluster the nodes' environment decides (docs/serving.md)")
+                        "Linux ships one); on a cluster the nodes' environment decides")
     p.add_argument("--proxy", choices=["every-node", "head"], default="every-node",
                    help="where Serve's HTTP proxies run on a cluster: every node (behind a load balancer) or the "
                         "head only")
