@@ -170,7 +170,7 @@ class Stage1Config:
 
     enabled: bool = True  # run this stage (False: skip it)
     epochs: int = 100  # the paper's schedule; the CPU main job uses a budget
-    batch_size: int = 16  # images per forward pass when extracting features and scoring
+    batch_size: int = 16  # G's samples per training step, over all DDP workers (the paper's 16)
     lr: float = 1e-4  # Adam
     lr_decay: float = 0.2  # ×0.2 at 80 % and 90 % of the epochs
     loss: str = "focal"  # focal | ce
@@ -197,7 +197,7 @@ class Stage2Config:
 
     enabled: bool = True  # run this stage (False: skip it)
     epochs: int = 100  # the paper's schedule; the CPU main job uses a budget
-    batch_size: int = 16  # images per forward pass when extracting features and scoring
+    batch_size: int = 16  # normal images per training step (each gives M views and a G sample), over all DDP workers
     lr: float = 0.001  # SGD, cosine schedule (paper: 0.01)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # SGD weight decay
