@@ -74,7 +74,7 @@ def test_round_trip_scores_equal_fresh_bank(artifact, tiny_root):
     pre = Preprocess(cfg.data, ext.mean, ext.std)
     model = PatchModel(ext, cfg.bank.patch_size, fast=cfg.backbone.fast_inference)
     split = load_split(tiny_root, "bottle", "mvtec")
-    patches, grid = extract(model, DataLoader(ImageDataset(split.train, pre), batch_size=cfg.bank.batch_size))
+    patches, grid = extract(model, DataLoader(ImageDataset(split.train, pre), batch_size=cfg.bank.batch_for("cpu")))
     P = grid[0] * grid[1]
     source = np.repeat(np.arange(len(split.train), dtype=np.int32), P)
     bank = MemoryBank.build(patches, cfg.bank.coreset_ratio, cfg.bank.projection_dim, cfg.seed, source,

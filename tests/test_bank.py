@@ -486,3 +486,24 @@ def test_sq8_bank_is_4x_smaller_and_scores_like_float32(data_root, tmp_path):
 
     with pytest.raises(ArtifactError, match="metadata says a float32 bank"):
         load_detector(tmp_path / "sq8", search="exact")
+
+
+def test_feature_batches_follow_the_device_unless_set(data_root):
+    """bank.batch_size null: 4 images per forward pass on a CPU, 16 on a GPU; a set value wins
+    everywhere; 0 is refused by name. The loaders fit and evaluate use take it."""
+    from tocoad_ray.config import ConfigError, load_config
+    from tocoad_ray.data import Preprocess, load_split
+    from tocoad_ray.pipeline import _loader
+
+    cfg = load_config(None)
+    assert cfg.bank.batch_size is None
+    assert cfg.bank.batch_for("cpu") == 4 and cfg.bank.batch_for(torch.device("cuda", 0)) == 16
+    samples = load_split(data_root / "mpdd", "metal_plate", "mvtec").train[:9]
+    pre = Preprocess(cfg.data, (0.5,) * 3, (0.5,) * 3)
+    loader = _loader(samples, pre, cfg, torch.device("cpu"))
+    assert [len(b["image"]) for b in loader] == [4, 4, 1]
+    assert _loader(samples, pre, cfg, torch.device("cuda")).batch_size == 16
+    fixed = load_config(None, {"bank.batch_size": 8})
+    assert fixed.bank.batch_for("cpu") == fixed.bank.batch_for("cuda") == 8
+    with pytest.raises(ConfigError, match="bank.batch_size"):
+        load_config(None, {"bank.batch_size": 0})

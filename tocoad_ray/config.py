@@ -70,7 +70,9 @@ class BankConfig:
     projection_dim: int | None = 128  # coreset selection on a random projection to this dim when d > 2x it
     num_neighbors: int = 9  # b in eq. 9
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map (pixels)
-    batch_size: int = 16  # images per forward pass when extracting features and scoring
+    # images per forward pass when extracting features and scoring; None: 4 on a CPU (its forward
+    # pass is cache-bound: evaluate ran about 25 % faster per image than at 16 on 2 cores), 16 on a GPU
+    batch_size: int | None = None
     device: str = "auto"  # auto | cpu | cuda
     faiss_gpu: bool = True  # use a faiss GPU index when faiss-gpu and a GPU are present
     threshold_quantile: float = 0.99  # default verdict threshold: this quantile of held-out normal scores
@@ -100,6 +102,8 @@ class BankConfig:
     refuse_factor: float = 1.5
 
     def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"bank.batch_size must be >= 1 or null (4 on a CPU, 16 on a GPU), got {self.batch_size}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ConfigError(f"bank.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if not 0.0 <= self.coreset_eps < 1.0:
@@ -129,6 +133,13 @@ class BankConfig:
         if self.threshold_generator is not None and self.threshold_generator not in GENERATOR_KINDS:
             raise ConfigError(f"bank.threshold_generator must be null or one of {list(GENERATOR_KINDS)}, "
                               f"got {self.threshold_generator!r}")
+
+    def batch_for(self, device: Any) -> int:
+        """Images per forward pass on ``device`` (a torch device or its name): ``batch_size``, or
+        when that is None 16 on a GPU and 4 elsewhere."""
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return 16 if str(device).startswith("cuda") else 4
 
 
 THRESHOLD_MODES = ("loo", "synthetic")

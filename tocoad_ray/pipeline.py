@@ -35,8 +35,8 @@ Log = Callable[[str], None]
 
 logger = logging.getLogger(__name__)
 
-def _loader(samples: Sequence[Sample], preprocess: Preprocess, cfg: Config) -> DataLoader:
-    return DataLoader(ImageDataset(samples, preprocess), batch_size=cfg.bank.batch_size, shuffle=False,
+def _loader(samples: Sequence[Sample], preprocess: Preprocess, cfg: Config, device: torch.device) -> DataLoader:
+    return DataLoader(ImageDataset(samples, preprocess), batch_size=cfg.bank.batch_for(device), shuffle=False,
                       num_workers=cfg.data.num_workers)
 
 
@@ -87,7 +87,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out: str | Path, resu
     model = PatchModel(extractor, cfg.bank.patch_size, device=device, fast=cfg.backbone.fast_inference)
 
     t = time.perf_counter()
-    patches, grid = extract(model, _loader(split.train, preprocess, cfg), progress, "train features")
+    patches, grid = extract(model, _loader(split.train, preprocess, cfg, model.device), progress, "train features")
     timings["features_s"] = time.perf_counter() - t
     return finish_fit(cfg, out, category, data_root, extractor, preprocess, patches, grid, len(split.train),
                       files=files, timings=timings, t_start=t0, device=device, resume=resume, progress=progress, log=log,
@@ -214,7 +214,7 @@ def synthetic_thresholds(cfg: Config, out: Path, bank: MemoryBank, extractor: Fe
     adapter = load_adapter(out / "adapter.safetensors") if (out / "adapter.safetensors").is_file() else None
     model = PatchModel(extractor, cfg.bank.patch_size, adapter=adapter, device=device, fast=cfg.backbone.fast_inference)
     x = vset.images[torch.from_numpy(vset.labels == 1)]
-    bs = cfg.bank.batch_size
+    bs = cfg.bank.batch_for(model.device)
     rows = np.concatenate([model.embed(x[i:i + bs])[0] for i in range(0, len(x), bs)])
     anomalous = bank.leave_one_out_scores(rows, ids.astype(np.int32), len(ids), cfg.bank.num_neighbors)
     s = synthetic_threshold(normal, anomalous, cfg.bank.threshold_recall, cfg.bank.threshold_max_fpr)
@@ -294,7 +294,7 @@ def evaluate(artifact: str | Path, data_root: str | Path, category: str, layout:
     split = load_split(data_root, category, layout or det.cfg.data.layout)
     if not split.test:
         raise ValueError(f"no test images for {category!r} under {data_root}")
-    loader = _loader(split.test, det.preprocess, det.cfg)
+    loader = _loader(split.test, det.preprocess, det.cfg, det.model.device)
     labels, scores, maps, masks = [], [], [], []
     with_masks = has_masks(split.test)
     from tqdm import tqdm

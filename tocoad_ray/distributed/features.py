@@ -55,7 +55,7 @@ def extract_features(paths: Sequence[str | Path], cfg: Config, weights: str, act
     ds = ray.data.from_items([{"row": i, "path": str(p)} for i, p in enumerate(paths)])
     ds = ds.map_batches(PatchEmbedder, fn_constructor_kwargs={"cfg": cfg.to_dict(), "weights": weights,
                                                               "device": "cuda" if use_gpu else "cpu"},
-                        batch_size=cfg.bank.batch_size, compute=ActorPoolStrategy(size=actors),
+                        batch_size=cfg.bank.batch_for("cuda" if use_gpu else "cpu"), compute=ActorPoolStrategy(size=actors),
                         num_cpus=cpus, num_gpus=1 if use_gpu else 0,
                         **({"resources": cfg.distributed.worker_resources} if cfg.distributed.worker_resources else {}))
     parts: dict[int, np.ndarray] = {}
@@ -74,7 +74,7 @@ def extract_features(paths: Sequence[str | Path], cfg: Config, weights: str, act
 
 def _extract_here(paths: Sequence[str | Path], cfg: Config, weights: str, device: str) -> tuple[np.ndarray, tuple[int, int]]:
     embed = PatchEmbedder(cfg.to_dict(), weights, device)
-    parts, grid, bs = [], None, cfg.bank.batch_size
+    parts, grid, bs = [], None, cfg.bank.batch_for(device)
     for i in range(0, len(paths), bs):
         out = embed({"row": np.arange(i, min(i + bs, len(paths))), "path": np.array([str(p) for p in paths[i:i + bs]])})
         parts.append(out["features"].reshape(-1, out["features"].shape[-1]))
