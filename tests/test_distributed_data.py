@@ -110,7 +110,7 @@ def test_bank_features_equal_single_process(setup, actors):
     cfg = setup["cfg"]
     split = load_split(setup["root"], "bottle", "mvtec")
     ex = FeatureExtractor(cfg.backbone.name, cfg.backbone.layers, cfg.backbone.weights)
-    ref, grid = extract(PatchModel(ex, cfg.bank.patch_size, fast=cfg.backbone.fast_inference), _loader(split.train, Preprocess(cfg.data, ex.mean, ex.std), cfg))
+    ref, grid = extract(PatchModel(ex, cfg.bank.patch_size, fast=cfg.backbone.fast_inference), _loader(split.train, Preprocess(cfg.data, ex.mean, ex.std), cfg, torch.device("cpu")))
     got, grid_r = extract_features(setup["paths"], cfg, cfg.backbone.weights, actors=actors, cpus=0.5)
     assert grid_r == grid and got.shape == ref.shape == (len(setup["paths"]) * grid[0] * grid[1], ref.shape[1])
     # same rows in the same image-major order (float summation may differ with thread counts)
