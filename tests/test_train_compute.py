@@ -40,13 +40,19 @@ def _pretrained(cfg):
         pytest.skip(f"pretrained lite0 unavailable: {e}")
 
 
-def test_folding_keeps_outputs_gradients_and_state_dict():
+@pytest.mark.parametrize("fuse_act", [False, True])
+def test_folding_keeps_outputs_gradients_and_state_dict(fuse_act):
     cfg = tiny_cfg()
-    f = _pretrained(cfg)
+    f = _pretrained(cfg).to(memory_format=torch.channels_last)
     g = copy.deepcopy(f)
-    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1).contiguous(
+        memory_format=torch.channels_last)
     keys = list(f.state_dict())
-    assert fold_frozen_bn(f, lambda m: m(x)) > 20
+    assert fold_frozen_bn(f, lambda m: m(x), fuse_act=fuse_act) > 20
+    fused = [m for m in f.modules() if "_fold_act" in m.__dict__]
+    # with fuse_act every ReLU6 of Lite0 runs inside its conv, and the convs before a stride-2
+    # "same" depthwise conv write their output pre-padded for it
+    assert (len(fused) > 20 and sum("_pad_next" in m.__dict__ for m in fused) >= 3) if fuse_act else not fused
     assert list(f.state_dict()) == keys  # the same parameters under the same names
     for m in (f, g):  # stage II's modes: F in training mode, its BN statistics frozen
         m.train()
@@ -71,7 +77,8 @@ def test_folding_keeps_outputs_gradients_and_state_dict():
     f.train(), g.train()
     assert torch.allclose(f(x)["blocks.2"], g(x)["blocks.2"], atol=1e-5)
     unfold_bn(f)
-    assert not any("Folded" in type(m).__name__ for m in f.modules())
+    assert not any("Folded" in type(m).__name__ or "_fold_act" in m.__dict__ or "_act_fused" in m.__dict__
+                   for m in f.modules())
 
 
 def test_folding_is_undone_where_registration_order_is_not_data_flow(caplog):

@@ -267,6 +267,9 @@ class ComputeConfig:
     # stage II: fold the frozen BatchNorms of F and D into the convolutions before them (the same
     # function; no separate pass over every activation, forward or backward)
     fold_batchnorm: bool = True
+    # with fold_batchnorm, on a CPU: each folded convolution runs its ReLU6/ReLU as one oneDNN op
+    # (and writes it pre-padded for a stride-2 "same" convolution next); the same function
+    fuse_activations: bool = True
     # fp32 | bf16 (autocast; fast on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs) | fp16 (CUDA
     # only, autocast with a gradient scaler). Losses and optimizer state stay fp32 either way.
     precision: str = "fp32"

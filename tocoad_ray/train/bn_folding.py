@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+from .fused_conv import conv_act, padded_input
+
 logger = logging.getLogger(__name__)
 
 try:  # timm's TF "same" padding convolution and fused BN + activation
@@ -49,9 +51,16 @@ class _FoldedConv:
         s, t = _bn_eval_affine(bn)
         w = self.weight * s.reshape(-1, 1, 1, 1)
         b = t if self.bias is None else t + self.bias * s
-        if Conv2dSame is not None and issubclass(base, Conv2dSame):
-            return conv2d_same(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-        return nn.Conv2d._conv_forward(self, x, w, b)
+        same = Conv2dSame is not None and issubclass(base, Conv2dSame)
+        act = self.__dict__.get("_fold_act")
+        if act is None:
+            if same:
+                return conv2d_same(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+            return nn.Conv2d._conv_forward(self, x, w, b)
+        padding = self.padding
+        if same:  # the previous fused op may have written x into a buffer padded for this conv
+            x, padding = padded_input(x, self.kernel_size, self.stride, self.dilation), (0, 0)
+        return conv_act(x, w, b, self.stride, padding, self.dilation, self.groups, act, self.__dict__.get("_pad_next"))
 
 
 class _FoldedBN:
@@ -61,7 +70,7 @@ class _FoldedBN:
         base = self.__dict__["_fold_base"]
         if self.training:
             return base.forward(self, x)
-        if BatchNormAct2d is not None and issubclass(base, BatchNormAct2d):
+        if BatchNormAct2d is not None and issubclass(base, BatchNormAct2d) and not self.__dict__.get("_act_fused"):
             return self.act(self.drop(x))
         return x
 
@@ -86,19 +95,40 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
             and bn.num_features == conv.out_channels)
 
 
-def _pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+def _pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module | None]]:
+    """(conv, bn, the sibling registered after bn or None) for every foldable pair."""
     out = []
     for parent in module.modules():
         children = list(parent.children())
-        out += [(a, b) for a, b in zip(children, children[1:]) if _foldable(a, b)]
+        out += [(a, b, c) for a, b, c in zip(children, children[1:], children[2:] + [None]) if _foldable(a, b)]
     return out
 
 
-def _fold(conv: nn.Module, bn: nn.Module) -> None:
+_FUSABLE_ACTS = {nn.ReLU6: "relu6", nn.ReLU: "relu", nn.Identity: "none"}
+
+
+def _fusable_act(conv: nn.Module, bn: nn.Module) -> str | None:
+    """The activation ``fused_conv.conv_act`` can run inside ``conv`` in place of BN's own (a
+    BatchNormAct2d without dropout, ReLU6 / ReLU / none), or None."""
+    if BatchNormAct2d is None or not isinstance(bn, BatchNormAct2d) or not isinstance(bn.drop, nn.Identity):
+        return None
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return None
+    return _FUSABLE_ACTS.get(type(bn.act))
+
+
+def _fold(conv: nn.Module, bn: nn.Module, after: nn.Module | None = None, fuse_act: bool = False) -> None:
     for m, mixin in ((conv, _FoldedConv), (bn, _FoldedBN)):
         m.__dict__["_fold_base"] = type(m)
         m.__class__ = _folded_class(mixin, type(m))
     conv.__dict__["_fold_bn"] = bn
+    act = _fusable_act(conv, bn) if fuse_act else None
+    if act is not None:
+        conv.__dict__["_fold_act"], bn.__dict__["_act_fused"] = act, True
+        base = after.__dict__.get("_fold_base", type(after)) if after is not None else None
+        if Conv2dSame is not None and base is not None and issubclass(base, Conv2dSame):
+            # the next conv pads this output: write it into a buffer already padded for that conv
+            conv.__dict__["_pad_next"] = (tuple(after.kernel_size), tuple(after.stride), tuple(after.dilation))
 
 
 def unfold_bn(module: nn.Module) -> None:
@@ -107,12 +137,16 @@ def unfold_bn(module: nn.Module) -> None:
         base = m.__dict__.pop("_fold_base", None)
         if base is not None:
             m.__class__ = base
-            m.__dict__.pop("_fold_bn", None)
+            for key in ("_fold_bn", "_fold_act", "_act_fused", "_pad_next"):
+                m.__dict__.pop(key, None)
 
 
-def fold_frozen_bn(module: nn.Module, check: Callable[[nn.Module], object], atol: float = 1e-4) -> int:
+def fold_frozen_bn(module: nn.Module, check: Callable[[nn.Module], object], atol: float = 1e-4,
+                   fuse_act: bool = False) -> int:
     """Fold every conv → BN pair of ``module`` (see the module docstring); returns the number of
-    pairs folded. ``check(module)`` runs the module on an example and returns its output (a
+    pairs folded. ``fuse_act``: the BN's ReLU6 / ReLU runs inside the convolution too
+    (``fused_conv.conv_act``: one op forward and backward, padded ahead for a "same"-padding conv
+    registered next). ``check(module)`` runs the module on an example and returns its output (a
     tensor or a dict of them); run in eval mode without gradients before and after folding, a
     difference above ``atol`` (relative to the output's scale) undoes the folding."""
     pairs = _pairs(module)
@@ -123,8 +157,8 @@ def fold_frozen_bn(module: nn.Module, check: Callable[[nn.Module], object], atol
     try:
         with torch.no_grad():
             ref = _flat(check(module))
-            for conv, bn in pairs:
-                _fold(conv, bn)
+            for conv, bn, after in pairs:
+                _fold(conv, bn, after, fuse_act)
             got = _flat(check(module))
         err = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(ref, got))
     finally:

@@ -210,7 +210,8 @@ class Stage2Trainer(StageTrainer):
             return
         size = self.cfg.data.input_size
         x = self.compute.batch(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
-        fold_frozen_bn(extractor, lambda f: f(x))
+        fuse = self.cfg.compute.fuse_activations
+        fold_frozen_bn(extractor, lambda f: f(x), fuse_act=fuse)
         if discriminator is not None:
             modes = {m: m.training for m in extractor.modules()}
             extractor.eval()  # a module in training mode would update F's BN statistics here
@@ -218,7 +219,7 @@ class Stage2Trainer(StageTrainer):
                 feats = extractor(x)
             for m, mode in modes.items():
                 m.training = mode
-            fold_frozen_bn(discriminator, lambda d: d(feats, out_size=(size, size)))
+            fold_frozen_bn(discriminator, lambda d: d(feats, out_size=(size, size)), fuse_act=fuse)
 
     def distribute(self, wrap) -> None:
         """Data-parallel training: ``wrap`` (e.g. ``ray.train.torch.prepare_model``) wraps F + C
