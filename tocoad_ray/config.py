@@ -270,11 +270,17 @@ class ComputeConfig:
     # with fold_batchnorm, on a CPU: each folded convolution runs its ReLU6/ReLU as one oneDNN op
     # (and writes it pre-padded for a stride-2 "same" convolution next); the same function
     fuse_activations: bool = True
+    # nice value added to the threads that make training samples (G, the views: the plain loop's
+    # prefetch thread, the Ray Data sample tasks), so they use the step's idle moments instead of
+    # preempting its threads on a shared CPU (train/priority.py); 0: same priority as training
+    sample_niceness: int = 10
     # fp32 | bf16 (autocast; fast on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs) | fp16 (CUDA
     # only, autocast with a gradient scaler). Losses and optimizer state stay fp32 either way.
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if not 0 <= int(self.sample_niceness) <= 19:
+            raise ConfigError(f"compute.sample_niceness must be between 0 and 19 (a nice increment), got {self.sample_niceness!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"compute.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
                               f"{did_you_mean(str(self.precision), PRECISIONS)}")

@@ -24,6 +24,7 @@ import torch
 from ..config import Config, DataConfig, from_dict
 from ..data import Preprocess
 from ..train.images import prepare_images
+from ..train.priority import call_at_lower_priority
 from ..train.schedule import epoch_rows, row_rng, steps_per_epoch
 from ..train.stage1 import make_stage1_batch
 from ..train.stage2 import make_stage2_batch
@@ -78,7 +79,12 @@ def _images(store) -> list[np.ndarray]:
 
 def make_rows(batch: dict[str, np.ndarray], spec: SampleSpec, store) -> dict[str, np.ndarray]:
     """``map_batches`` function: {"epoch", "row"} → training rows of ``spec.stage``, made by the
-    trainers' own batch makers with one ``row_rng`` per row."""
+    trainers' own batch makers with one ``row_rng`` per row, in a thread at the lower priority of
+    ``compute.sample_niceness`` (a training worker may share the node's cores)."""
+    return call_at_lower_priority(_make_rows, _tools(spec)[0].compute.sample_niceness, batch, spec, store)
+
+
+def _make_rows(batch: dict[str, np.ndarray], spec: SampleSpec, store) -> dict[str, np.ndarray]:
     cfg, pre, gen, augment = _tools(spec)
     images = _images(store)
     imgs = [images[int(r)] for r in batch["row"]]

@@ -9,6 +9,8 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from .priority import lower_thread_priority
+
 T = TypeVar("T")
 
 STAGE_IDS = {"stage1": 1, "stage2": 2}
@@ -59,15 +61,17 @@ def iter_batches(images: Sequence[np.ndarray], batch_size: int, max_steps: int |
         yield make([images[i] for i in rows], [row_rng(seed, stage, epoch, i) for i in rows])
 
 
-def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+def prefetched(items: Iterable[T], depth: int = 1, niceness: int = 0) -> Iterator[T]:
     """``items`` made ``depth`` ahead in a background thread, so the next batch's images (G,
     the views) are prepared while the current step runs; same items, same order. An exception in
-    the producer is raised here, at the item it stopped at."""
+    the producer is raised here, at the item it stopped at. ``niceness``: that thread's priority
+    is lowered by it (``priority.lower_thread_priority``)."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
     stop = threading.Event()
 
     def produce() -> None:
+        lower_thread_priority(niceness)
         try:
             for item in items:
                 while not stop.is_set():

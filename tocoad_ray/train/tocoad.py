@@ -57,8 +57,9 @@ def _stage_fingerprint(cfg: Config, stage: str) -> dict[str, Any]:
 
 
 def _run_stage(trainer, stage: str, cfg_stage, workdir: Path, make_batch: Callable, images: list[np.ndarray], seed: int,
-               resume: bool, progress: bool, log: Callable[[str], None], fp: dict) -> bool:
-    """Train one stage with per-epoch checkpoints. Returns True when any epoch ran."""
+               resume: bool, progress: bool, log: Callable[[str], None], fp: dict, niceness: int = 0) -> bool:
+    """Train one stage with per-epoch checkpoints (batches made ahead in a thread at ``niceness``).
+    Returns True when any epoch ran."""
     from tqdm.auto import tqdm
 
     sdir = workdir / stage
@@ -77,7 +78,7 @@ def _run_stage(trainer, stage: str, cfg_stage, workdir: Path, make_batch: Callab
     b, steps = steps_per_epoch(len(images), cfg_stage.batch_size, cfg_stage.max_steps_per_epoch)
     for epoch in range(trainer.epoch, cfg_stage.epochs):
         batches = prefetched(iter_batches(images, cfg_stage.batch_size, cfg_stage.max_steps_per_epoch, seed,
-                                          STAGE_IDS[stage], epoch, make_batch))
+                                          STAGE_IDS[stage], epoch, make_batch), niceness=niceness)
         bar = tqdm(batches, total=steps, disable=not progress, desc=f"{stage} {epoch + 1}/{cfg_stage.epochs}", leave=False)
         metrics = trainer.train_epoch(bar, epoch)
         save_checkpoint(sdir, trainer.state_dict(), {"stage": stage, "epochs_planned": cfg_stage.epochs, "fingerprint": fp})
@@ -117,7 +118,7 @@ def train_tocoad(cfg: Config, images: Sequence[np.ndarray | str | Path], workdir
         t1 = Stage1Trainer(cfg, extractor, dev)
         make1 = partial(_make1, generator=generator, preprocess=preprocess)
         stage1_ran = _run_stage(t1, "stage1", cfg.stage1, workdir, make1, imgs, cfg.seed, resume, progress, log,
-                                _stage_fingerprint(cfg, "stage1"))
+                                _stage_fingerprint(cfg, "stage1"), cfg.compute.sample_niceness)
         discriminator = t1.discriminator
     if cfg.stage2.enabled:
         if stage1_ran:  # a new D invalidates any stage-II checkpoint built on the old one
@@ -127,7 +128,7 @@ def train_tocoad(cfg: Config, images: Sequence[np.ndarray | str | Path], workdir
         make2 = partial(make_stage2_batch, preprocess=preprocess, num_views=cfg.stage2.num_views, augment=augment,
                         generator=generator if discriminator is not None else None)
         _run_stage(t2, "stage2", cfg.stage2, workdir, lambda ims, rng: make2(ims, rng=rng), imgs, cfg.seed, resume,
-                   progress, log, _stage_fingerprint(cfg, "stage2"))
+                   progress, log, _stage_fingerprint(cfg, "stage2"), cfg.compute.sample_niceness)
     unfold_bn(extractor)  # back from the training form and layout
     extractor.to(memory_format=torch.contiguous_format).eval()
     extractor.refresh_checksum()
