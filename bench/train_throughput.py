@@ -11,8 +11,9 @@ separately. Ray runs: one worker with all ``--threads`` torch threads (like the 
 worker with one thread less (the Ray Data task that makes the samples gets that core), and two
 workers with half each.
 
-Each path runs once per setting of ``--settings`` (default: ``before``, the NCHW layout with unfolded
-BatchNorm the trainers used until the ``compute`` section, and ``after``, the defaults), interleaved
+Each path runs once per setting of ``--settings`` (default: ``before``, how the trainers ran until
+the ``compute`` section: NCHW, unfolded BatchNorm, separate activations, samples made at the
+training's priority; and ``after``, the defaults), interleaved
 path by path so that drift of the machine's speed hits both alike; the summary gives each path's
 after/before ratio.
 
@@ -158,7 +159,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-DEFAULT_SETTINGS = "before:compute.channels_last=false,compute.fold_batchnorm=false;after:"
+DEFAULT_SETTINGS = ("before:compute.channels_last=false,compute.fold_batchnorm=false,compute.fuse_activations=false,"
+                    "compute.sample_niceness=0;after:")
 
 
 def parse_settings(text: str) -> dict[str, dict]:

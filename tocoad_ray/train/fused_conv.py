@@ -30,9 +30,20 @@ _POST_OPS = {"relu6": ("hardtanh", [0.0, 6.0]), "relu": ("relu", []), "none": ("
 _PADDED = "_padded_buffer"  # on conv_act's output view: (the zero-bordered buffer, its (left, right, top, bottom))
 
 
+def _has_pointwise_op() -> bool:
+    try:
+        torch.ops.mkldnn._convolution_pointwise  # noqa: B018 - a private op: absent from some builds
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+_POINTWISE = _has_pointwise_op()
+
+
 def fused_available(x: torch.Tensor) -> bool:
     """Whether ``conv_act`` runs its fused CPU op on ``x`` (fp32 on a CPU with oneDNN, no autocast)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return (_POINTWISE and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu"))
 
 
