@@ -178,6 +178,26 @@ def test_non_finite_loss_fails_the_epoch_before_it_counts():
     assert t.epoch == 0
 
 
+def test_epoch_reports_the_time_spent_waiting_for_batches():
+    import time
+
+    cfg = tiny_cfg()
+    f = build_extractor(cfg)
+    pre = Preprocess(cfg.data, f.mean, f.std)
+    batch = make_stage1_batch(images(2, 64), AnomalyGenerator("perlin", normal_prob=0.0), pre, np.random.default_rng(0))
+    t = Stage1Trainer(cfg, f, "cpu")
+    fast = t.train_epoch([batch, batch], 0)
+
+    def slow():  # a data side that takes 0.3 s per batch
+        for _ in range(2):
+            time.sleep(0.3)
+            yield batch
+
+    waited = t.train_epoch(slow(), 1)
+    assert fast["steps"] == waited["steps"] == 2
+    assert fast["data_wait_s"] < 0.1 and 0.55 <= waited["data_wait_s"] <= waited["seconds"]
+
+
 def test_prefetched_keeps_order_raises_where_it_failed_and_stops_early():
     assert list(prefetched(iter(range(20)), depth=2)) == list(range(20))
 

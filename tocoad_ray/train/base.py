@@ -33,7 +33,14 @@ class StageTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         sums: dict[str, Any] = {}
         steps = 0
-        for batch in batches:
+        waited = 0.0  # seconds spent waiting for the next batch: > 0 means the data side is the bottleneck
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            waited += time.perf_counter() - t
+            if batch is None:
+                break
             # metrics stay device tensors until the epoch ends: no host synchronisation per step
             for k, v in self.train_step(batch).items():
                 sums[k] = sums[k] + v if k in sums else v
@@ -49,7 +56,7 @@ class StageTrainer:
         self.epoch = epoch + 1
         return {"stage": self.name, "epoch": self.epoch, "steps": steps, "lr": lr,
                 "losses": {k: v for k, v in means.items() if k.startswith("loss")},
-                "seconds": time.perf_counter() - t0, **self.epoch_end_metrics(means, steps)}
+                "seconds": time.perf_counter() - t0, "data_wait_s": waited, **self.epoch_end_metrics(means, steps)}
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
