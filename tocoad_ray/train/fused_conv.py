@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as Fn
+from timm.layers.conv2d_same import pad_same
+from timm.layers.padding import get_same_padding
 
 ACTIVATIONS = ("relu6", "relu", "none")
 _POST_OPS = {"relu6": ("hardtanh", [0.0, 6.0]), "relu": ("relu", []), "none": ("none", [])}
@@ -118,13 +120,9 @@ def _bias_grad_inside(w: torch.Tensor, groups: int) -> bool:
 
 def same_pad(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
              dilation: Sequence[int]) -> tuple[int, int, int, int]:
-    """TensorFlow "same" padding of an input of ``size`` (h, w): (left, right, top, bottom), as timm's ``pad_same``."""
-    out = []
-    for s, k, st, d in zip(size, kernel, stride, dilation):
-        total = max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0)
-        out.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = out
-    return left, right, top, bottom
+    """TensorFlow "same" padding of an input of ``size`` (h, w): (left, right, top, bottom), split as timm's ``pad_same``."""
+    ph, pw = (get_same_padding(int(s), int(k), int(st), int(d)) for s, k, st, d in zip(size, kernel, stride, dilation))
+    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
 
 def conv_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
@@ -161,11 +159,7 @@ def conv_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: S
 def padded_input(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """``x`` with TensorFlow "same" padding: the buffer ``conv_act`` already padded it in when ``x``
     is that buffer's interior with exactly this padding, else a padded copy (timm's ``pad_same``)."""
-    pad = same_pad(x.shape[-2:], kernel, stride, dilation)
-    base, base_pad = getattr(x, _PADDED, (None, None))
-    if (base is not None and base_pad == pad
-            and tuple(base.shape) == (x.shape[0], x.shape[1], x.shape[2] + pad[2] + pad[3], x.shape[3] + pad[0] + pad[1])
-            and x.data_ptr() == base[:, :, pad[2]:, pad[0]:].data_ptr() and x.stride() == base.stride()):
+    base, base_pad = getattr(x, _PADDED, (None, None))  # set on this very tensor by conv_act
+    if base is not None and base_pad == same_pad(x.shape[-2:], kernel, stride, dilation):
         return base
-    left, right, top, bottom = pad
-    return Fn.pad(x, (left, right, top, bottom)) if any(pad) else x
+    return pad_same(x, kernel, stride, dilation)
