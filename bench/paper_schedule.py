@@ -68,6 +68,8 @@ from tocoad_ray.validation import (  # noqa: E402
 VARIANTS = {
     "paper": {"stage2.lr": 0.01, "stage2.contrast": "global", "stage2.preserve": "none", "stage2.crop_scale_min": 0.2},
     "default": {},
+    # the default with F's stem, blocks.0 and blocks.1 frozen (stage2.trainable_from)
+    "partial": {"stage2.trainable_from": "blocks.2"},
 }
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -217,7 +219,7 @@ def plot(summary: dict, category: str, path: Path) -> None:
 
     panels = ("val_score", "image_auroc", "pixel_auroc", "aupro")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-    colours = {"paper": "tab:red", "default": "tab:blue"}
+    colours = {"paper": "tab:red", "default": "tab:blue", "partial": "tab:green"}
     for ax, key in zip(axes[0], panels):
         for variant, by_seed in summary["curves"].items():
             for i, (seed, c) in enumerate(sorted(by_seed.items())):

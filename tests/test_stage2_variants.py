@@ -1,6 +1,8 @@
 """Stage II variants: dense pairing through crop boxes, the preservation term, resume."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,60 @@ def test_bad_variant_settings_are_named(bad):
     key = next(iter(bad["stage2"]))
     with pytest.raises(ConfigError, match=f"stage2.{key}"):
         build_config(bad)
+
+
+# --- partial fine-tuning -----------------------------------------------------------------------------
+def test_trainable_from_freezes_the_earlier_layers_and_keeps_the_later_gradients():
+    """stage2.trainable_from=blocks.2: the stem, blocks.0 and blocks.1 get no gradient and never move;
+    every other parameter gets exactly the gradient it gets when all of F trains (same forward, same
+    loss: freezing earlier layers only cuts the backward pass short)."""
+    f0 = build_extractor(tiny_cfg())
+    d0 = Discriminator(f0.channels, f0.reductions)
+
+    def trainer(**stage2):  # the same F0 and D for both
+        cfg = tiny_cfg(contrast="dense", preserve="l2sp", **stage2)
+        f = copy.deepcopy(f0)
+        return cfg, f, Stage2Trainer(cfg, f, "cpu", discriminator=copy.deepcopy(d0))
+
+    cfg, f_all, full = trainer()
+    _, f_part, part = trainer(trainable_from="blocks.2")
+    pre = Preprocess(cfg.data, f_all.mean, f_all.std)
+    batch = make_stage2_batch(images(2, 64), pre, np.random.default_rng(5), num_views=2,
+                              generator=AnomalyGenerator("perlin", normal_prob=0.0))
+    frozen = set(f_part.parameters_before("blocks.2"))
+    assert frozen and all(n.startswith(("body.conv_stem", "body.bn1", "body.blocks.0.", "body.blocks.1.")) for n in frozen)
+    assert any(n.startswith("body.blocks.1.") for n in frozen)
+    for t in (full, part):
+        t.optimizer.zero_grad(set_to_none=True)
+        out = t.losses(batch)
+        out["loss"].backward()
+    assert full.losses(batch)["loss"].item() == pytest.approx(part.losses(batch)["loss"].item(), rel=1e-6)
+    grads_all, grads_part = dict(f_all.named_parameters()), dict(f_part.named_parameters())
+    checked = 0
+    for n, p in grads_part.items():
+        if n in frozen:
+            assert not p.requires_grad and p.grad is None, n
+        elif p.grad is not None:
+            torch.testing.assert_close(p.grad, grads_all[n].grad, rtol=1e-4, atol=1e-7)
+            checked += 1
+    assert checked > 20
+    assert any(grads_all[n].grad is not None and grads_all[n].grad.abs().sum() > 0 for n in frozen)  # full F: they train
+
+    start = {n: p.detach().clone() for n, p in f_part.named_parameters()}
+    part.optimizer.zero_grad(set_to_none=True)
+    for _ in range(2):
+        part.train_step(batch)
+    now = dict(f_part.named_parameters())
+    assert all(torch.equal(now[n].detach(), start[n]) for n in frozen)
+    assert any(not torch.equal(now[n].detach(), start[n]) for n in start if n not in frozen)
+
+
+def test_trainable_from_names_a_missing_layer():
+    with pytest.raises(ValueError, match="no layer 'blocks.9'.*blocks.2"):
+        cfg = tiny_cfg(trainable_from="blocks.9")
+        Stage2Trainer(cfg, build_extractor(cfg), "cpu")
+    with pytest.raises(ConfigError, match="stage2.trainable_from"):
+        build_config({"stage2": {"trainable_from": 3}})
 
 
 # --- resume ------------------------------------------------------------------------------------------

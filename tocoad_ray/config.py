@@ -233,6 +233,10 @@ class Stage2Config:
     # where a validation set exists (train-all's model selection, tune trials): F of the epoch with
     # the best validation score, not of the last epoch, so a long schedule cannot overshoot
     keep_best: bool = True
+    # F's first feature layer that trains (e.g. blocks.2): the stem and every block before it stay
+    # frozen, so the backward pass stops there (the high-resolution early layers are about a quarter
+    # of a step on CPU); null: all of F trains, as in the paper
+    trainable_from: str | None = None
 
     def __post_init__(self) -> None:
         _check_stage("stage2", self.epochs, self.batch_size, self.lr, self.loss)
@@ -250,6 +254,8 @@ class Stage2Config:
             raise ConfigError(f"stage2.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if not 0.0 <= self.color_jitter <= 1.0:
             raise ConfigError(f"stage2.color_jitter must be in [0, 1], got {self.color_jitter}")
+        if self.trainable_from is not None and (not isinstance(self.trainable_from, str) or not self.trainable_from):
+            raise ConfigError(f"stage2.trainable_from must be a feature layer name of F or null, got {self.trainable_from!r}")
 
 
 CONTRAST_KINDS = ("global", "dense")

@@ -83,6 +83,30 @@ class FeatureExtractor(nn.Module):
             grads = torch.autograd.grad([feats[l].sum() for l in wanted], list(params.values()), allow_unused=True)
         return [n for n, g in zip(params, grads) if g is None]
 
+    def parameters_before(self, layer: str) -> list[str]:
+        """Names (as in ``named_parameters``) of the parameters that feed the input of F's module
+        ``layer`` (e.g. ``blocks.2``: the stem, ``blocks.0`` and ``blocks.1``); freezing them ends the
+        backward pass at that module. Found on the meta device like ``unused_parameters``."""
+        modules = dict(self.body.named_modules())
+        module = modules.get(layer) or modules.get(layer.replace(".", "_"))  # FeatureDictNet flattens names
+        if not layer or module is None or module is self.body:
+            raise ValueError(f"backbone {self.name!r} has no layer {layer!r}; its feature layers are "
+                             f"{self.body.feature_info.module_name()}")
+        inputs: list[torch.Tensor] = []
+        hook = module.register_forward_pre_hook(lambda m, args: inputs.append(args[0]) if not inputs else None)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                params = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in self.named_parameters()}
+                buffers = {n: torch.empty_like(b, device="meta") for n, b in self.named_buffers()}
+                x = torch.zeros(1, *self.input_size, device="meta")
+                torch.func.functional_call(self, {**params, **buffers}, (x,))
+                if not inputs[0].requires_grad:  # nothing trainable before it
+                    return []
+                grads = torch.autograd.grad(inputs[0].sum(), list(params.values()), allow_unused=True)
+        finally:
+            hook.remove()
+        return [n for n, g in zip(params, grads) if g is not None]
+
     def refresh_checksum(self) -> str:
         """Recompute the weights checksum after fine-tuning (ToCoAD stage II)."""
         self.weights_sha256 = state_dict_sha256(self.body.state_dict())

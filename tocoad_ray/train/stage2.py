@@ -192,8 +192,10 @@ class Stage2Trainer(StageTrainer):
         read = list(extractor.layers) if discriminator is not None else self.layers + (
             self.preserve_layers if s.preserve == "feature" else [])
         unused = set(self.extractor.unused_parameters(read))
+        # stage2.trainable_from: F's layers before it stay frozen, and the backward pass ends there
+        frozen = set(self.extractor.parameters_before(s.trainable_from)) if s.trainable_from else set()
         for n, p in self.extractor.named_parameters():
-            p.requires_grad_(n not in unused)
+            p.requires_grad_(n not in unused and n not in frozen)
         # L2-SP replaces F's decay toward 0 by the pull toward w0; C keeps its weight decay
         f_decay = 0.0 if s.preserve == "l2sp" else s.weight_decay
         self.optimizer = torch.optim.SGD([
