@@ -68,6 +68,28 @@ def test_paired_cells_see_the_same_image_point():
     assert dense_neg_cosine(want + 1.0, _coordinate_map(box_b, h, w) + 1.0, box_a, box_b).item() == pytest.approx(-1.0, abs=1e-5)
 
 
+def test_views_are_seeded_by_their_seed_alone_and_leave_the_global_rng_alone():
+    """The same seed gives the same view (whatever the global RNG holds), a different seed another,
+    the global torch RNG is where it was, and the draws are those of torch.manual_seed(seed)."""
+    from torchvision.transforms import v2
+
+    x = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(0))
+    aug = ViewAugment(32)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    a, box_a = aug.sample(x, 7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    b, box_b = aug.sample(x, 7)
+    assert torch.equal(a, b) and torch.equal(box_a, box_b)
+    assert not torch.equal(a, aug.sample(x, 8)[0])
+    with torch.random.fork_rng(devices=[]):  # the reference: the transforms after torch.manual_seed
+        torch.manual_seed(7)
+        p = aug.crop.make_params([x])
+        ref = aug.colour(TF.resized_crop(x, p["top"], p["left"], p["height"], p["width"], [32, 32], antialias=True))
+    assert torch.equal(a, ref.clamp(0.0, 1.0)) and isinstance(aug.crop, v2.RandomResizedCrop)
+
+
 def test_view_boxes_are_the_crops_taken():
     """ViewAugment.sample's box is the crop of the input the view shows (colour off: a grey image is
     unchanged by RandomGrayscale up to its weights summing to 0.9999, jitter 0)."""

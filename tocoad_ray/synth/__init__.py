@@ -1,5 +1,5 @@
 """Anomaly generator G (ToCoAD §3.1): Perlin/texture anomalies, CutPaste, NSA, contact sheets."""
-from .common import as_rgb, is_gray, rotate_base
+from .base_image import as_rgb, is_gray, rotate_base
 from .cutpaste import color_jitter, cutpaste
 from .generator import GENERATORS, AnomalyGenerator
 from .grid import grid_size, save_grid

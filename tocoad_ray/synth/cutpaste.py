@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from .common import begin_anomaly, finish_anomaly, is_gray, to_gray3
+from .base_image import begin_anomaly, finish_anomaly, is_gray, to_gray3
 
 __all__ = ["cutpaste", "color_jitter"]
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import fft
 
-from .common import as_rgb, begin_anomaly, finish_anomaly, is_gray, to_gray3
+from .base_image import as_rgb, begin_anomaly, finish_anomaly, is_gray, to_gray3
 
 __all__ = ["nsa", "poisson_blend"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import begin_anomaly, finish_anomaly, is_gray, to_gray3
+from .base_image import begin_anomaly, finish_anomaly, is_gray, to_gray3
 from .perlin import perlin_mask
 from .textures import TextureSource, augment_texture
 

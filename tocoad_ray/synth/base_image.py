@@ -1,4 +1,5 @@
-"""Shared helpers for G: image format handling and the base rotation I -> I_R (ToCoAD Fig. 3)."""
+"""The base image every G starts from: image layouts (RGB / grey), the base rotation I -> I_R (ToCoAD
+Fig. 3) and the start and finish shared by every generator."""
 from __future__ import annotations
 
 from typing import Callable
