@@ -76,6 +76,13 @@ def run(cfg: Config, data_root: str, categories: list[str], out: str | Path, add
     out = Path(resolve(out))
     data_root = data_root if data_root in ("-", "", None) else resolve(data_root)  # tasks run in other folders
     cfg = resolve_inputs(cfg)
+    if cfg.method == "tocoad":  # layers the config names, checked before anything trains
+        from tocoad_ray.train.extractor import needed_layers
+
+        try:
+            needed_layers(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     tracking = None
     if cfg.tracking.enabled:  # mlflow missing: a one-line error before Ray starts
         from tocoad_ray.distributed.tracking import TrainAllTracking

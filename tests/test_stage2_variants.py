@@ -218,12 +218,20 @@ def test_trainable_from_freezes_the_earlier_layers_and_keeps_the_later_gradients
     assert any(not torch.equal(now[n].detach(), start[n]) for n in start if n not in frozen)
 
 
-def test_trainable_from_names_a_missing_layer():
-    with pytest.raises(ValueError, match="no layer 'blocks.9'.*blocks.2"):
-        cfg = tiny_cfg(trainable_from="blocks.9")
-        Stage2Trainer(cfg, build_extractor(cfg), "cpu")
+def test_trainable_from_names_a_missing_layer(tmp_path):
+    cfg = tiny_cfg(trainable_from="blocks.9")
+    with pytest.raises(ValueError, match=r"stage2.trainable_from: .*no feature layer 'blocks.9'.*blocks.2"):
+        build_extractor(cfg)
+    with pytest.raises(ValueError, match=r"no layer 'blocks.9'.*blocks.2"):  # an extractor built elsewhere
+        Stage2Trainer(cfg, build_extractor(tiny_cfg()), "cpu")
     with pytest.raises(ConfigError, match="stage2.trainable_from"):
         build_config({"stage2": {"trainable_from": 3}})
+    # train-all refuses it before anything starts (no Ray, no output folder)
+    from jobs.train_all import run
+
+    with pytest.raises(ConfigError, match="stage2.trainable_from.*'blocks.9'"):
+        run(cfg, str(tmp_path / "data"), ["bottle"], tmp_path / "out", echo=lambda m: None)
+    assert not (tmp_path / "out").exists()
 
 
 # --- resume ------------------------------------------------------------------------------------------

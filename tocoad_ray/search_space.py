@@ -186,7 +186,7 @@ def check_space(base: Config, space: dict[str, dict[str, Any]]) -> dict[str, lis
         for v in values:
             try:
                 cfg = apply(base, {key: v})
-                if key.startswith("backbone."):
+                if key.startswith("backbone.") or key == "stage2.trainable_from":
                     needed_layers(cfg)
             except (ConfigError, ValueError) as e:
                 raise ConfigError(f"search.space[{key}]: value {v!r} is invalid: {e}") from None
