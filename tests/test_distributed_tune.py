@@ -126,6 +126,7 @@ def test_interrupted_search_reads_no_test_file_resumes_then_selects_and_reports(
     ({"stage1.epochs": {"uniform": [1, 3]}}, r"stage1.epochs\]: value 1.0 is invalid.*integer"),
     ({"generator.kind": {"choice": ["perlin", "gauss"]}}, r"generator.kind\]: value 'gauss' is invalid"),
     ({"backbone.stage2_layers": {"choice": [["blocks.9"]]}}, r"no feature layer"),
+    ({"stage2.trainable_from": {"choice": ["blocks.2", "blocks.9"]}}, r"value 'blocks.9' is invalid.*no feature layer"),
     ({"stage2.lr": {"loguniform": [0.0, 0.1]}}, r"loguniform needs low > 0"),
     ({"stage2.lr": {"normal": [0.0, 0.1]}}, r"unknown distribution 'normal'"),
     ({"reconpatch.alpha": {"uniform": [0.1, 0.9]}}, r"no effect with method 'tocoad'"),
