@@ -66,6 +66,14 @@ class FeatureExtractor(nn.Module):
         feats = self.body(x)
         return {l: feats[i] for l, i in zip(self.layers, self._order)}
 
+    def _meta_forward(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """F on the meta device with stand-ins for its parameters (requiring grad): ({name: stand-in},
+        features). No computation; F's own weights, buffers and modes are untouched."""
+        params = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in self.named_parameters()}
+        buffers = {n: torch.empty_like(b, device="meta") for n, b in self.named_buffers()}
+        x = torch.zeros(1, *self.input_size, device="meta")
+        return params, torch.func.functional_call(self, {**params, **buffers}, (x,))
+
     def unused_parameters(self, layers: list[str] | tuple[str, ...] | None = None) -> list[str]:
         """Names (as in ``named_parameters``) of the parameters with no path to any of ``layers``
         (default: every output layer), e.g. the blocks after the deepest layer, which timm's
@@ -76,10 +84,7 @@ class FeatureExtractor(nn.Module):
         if missing:
             raise ValueError(f"extractor has no output layer(s) {missing}; it has {self.layers}")
         with torch.inference_mode(False), torch.enable_grad():  # whatever the caller's mode
-            params = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in self.named_parameters()}
-            buffers = {n: torch.empty_like(b, device="meta") for n, b in self.named_buffers()}
-            x = torch.zeros(1, *self.input_size, device="meta")
-            feats = torch.func.functional_call(self, {**params, **buffers}, (x,))
+            params, feats = self._meta_forward()
             grads = torch.autograd.grad([feats[l].sum() for l in wanted], list(params.values()), allow_unused=True)
         return [n for n, g in zip(params, grads) if g is None]
 
@@ -96,10 +101,7 @@ class FeatureExtractor(nn.Module):
         hook = module.register_forward_pre_hook(lambda m, args: inputs.append(args[0]) if not inputs else None)
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                params = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in self.named_parameters()}
-                buffers = {n: torch.empty_like(b, device="meta") for n, b in self.named_buffers()}
-                x = torch.zeros(1, *self.input_size, device="meta")
-                torch.func.functional_call(self, {**params, **buffers}, (x,))
+                params, _ = self._meta_forward()
                 if not inputs[0].requires_grad:  # nothing trainable before it
                     return []
                 grads = torch.autograd.grad(inputs[0].sum(), list(params.values()), allow_unused=True)
