@@ -90,6 +90,37 @@ def test_views_are_seeded_by_their_seed_alone_and_leave_the_global_rng_alone():
     assert torch.equal(a, ref.clamp(0.0, 1.0)) and isinstance(aug.crop, v2.RandomResizedCrop)
 
 
+def test_views_leave_the_accelerator_generators_alone():
+    """Making a view seeds the CPU generator only: no seed reaches CUDA's generator, neither at
+    once (CUDA initialised) nor queued for when it starts (torch.manual_seed queues one, with a
+    formatted stack, on every call)."""
+    x = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(0))
+    aug = ViewAugment(32)
+    if torch.cuda.is_initialized():
+        before = torch.cuda.initial_seed()
+        for seed in (11, 12):
+            aug.sample(x, seed)
+        assert torch.cuda.initial_seed() == before
+        return
+
+    def queued():  # the calls waiting for CUDA to start (held here, so compared by identity)
+        tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+        calls = list(tracker.get_calls()) if tracker is not None else []
+        return calls + list(getattr(torch.cuda, "_queued_calls", []))
+
+    def same(a, b):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+    start = queued()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)  # the call views used to make: it queues a seed for CUDA
+    assert not same(queued(), start)
+    start = queued()
+    for seed in (11, 12):
+        aug.sample(x, seed)
+    assert same(queued(), start)
+
+
 def test_view_boxes_are_the_crops_taken():
     """ViewAugment.sample's box is the crop of the input the view shows (colour off: a grey image is
     unchanged by RandomGrayscale up to its weights summing to 0.9999, jitter 0)."""
