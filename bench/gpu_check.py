@@ -168,8 +168,7 @@ def _prepared(cfg, paths):
 
     ex = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
     pre = Preprocess(cfg.data, ex.mean, ex.std)
-    g = cfg.generator
-    gen = AnomalyGenerator(g.kind, texture_dir=g.texture_dir, normal_prob=g.normal_prob, rotate=g.rotate)
+    gen = AnomalyGenerator.from_config(cfg.generator)
     return prepare_images(paths, pre), pre, gen
 
 

@@ -103,8 +103,7 @@ def train_seed(args, seed: int, paths: list[Path], out: Path, log) -> dict:
     quick = torch.stack([pre.image(read_image(p)) for p in fit_paths[:vcfg.quick_bank_images]])
     validator = QuickValidator(cfg0, quick, vset)
     imgs = prepare_images(fit_paths, pre)
-    g = cfg0.generator
-    gen = AnomalyGenerator(g.kind, texture_dir=g.texture_dir, normal_prob=g.normal_prob, rotate=g.rotate)
+    gen = AnomalyGenerator.from_config(cfg0.generator)
     info = {"fit_images": len(fit_paths), "held_out": len(val_idx), "val_generator": vset.generator}
 
     d_file = out / f"seed{seed}" / "stage1_D.safetensors"

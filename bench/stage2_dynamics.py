@@ -99,8 +99,7 @@ def run_category(args, category: str, device: torch.device) -> dict:
     f0 = seeded_init(base.seed, 0, lambda: build_extractor(base)).to(device).eval()
     pre = Preprocess(base.data, f0.mean, f0.std)
     imgs = prepare_images(train, pre)
-    gen = AnomalyGenerator(base.generator.kind, texture_dir=base.generator.texture_dir, normal_prob=base.generator.normal_prob,
-                           rotate=base.generator.rotate)
+    gen = AnomalyGenerator.from_config(base.generator)
 
     # stage I once: D over the frozen pretrained F
     t = time.perf_counter()

@@ -58,8 +58,7 @@ def _tools(spec: SampleSpec):
 
     cfg = spec.cfg
     pre = Preprocess(cfg.data, list(spec.mean), list(spec.std))
-    g = cfg.generator
-    gen = AnomalyGenerator(g.kind, texture_dir=g.texture_dir, normal_prob=g.normal_prob, rotate=g.rotate)
+    gen = AnomalyGenerator.from_config(cfg.generator)
     return cfg, pre, gen, view_augment(cfg, pre.size)
 
 

@@ -47,6 +47,11 @@ class AnomalyGenerator:
         elif kind == "nsa" and other_images is not None:
             self.kw.setdefault("sources", list(other_images))
 
+    @classmethod
+    def from_config(cls, g) -> "AnomalyGenerator":
+        """G as a ``GeneratorConfig`` (``cfg.generator``) sets it."""
+        return cls(g.kind, texture_dir=g.texture_dir, normal_prob=g.normal_prob, rotate=g.rotate)
+
     def generate(self, image: np.ndarray, rng: np.random.Generator):
         """(I_G, y_G, I_R): also returns the rotated base the mask refers to."""
         return GENERATORS[self.kind](image, rng, normal_prob=self.normal_prob, rotate=self.rotate,

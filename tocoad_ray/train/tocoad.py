@@ -108,8 +108,7 @@ def train_tocoad(cfg: Config, images: Sequence[np.ndarray | str | Path], workdir
     extractor = seeded_init(cfg.seed, 0, lambda: build_extractor(cfg))
     preprocess = Preprocess(cfg.data, extractor.mean, extractor.std)
     imgs = prepare_images(images, preprocess)
-    g = cfg.generator
-    generator = AnomalyGenerator(g.kind, texture_dir=g.texture_dir, normal_prob=g.normal_prob, rotate=g.rotate)
+    generator = AnomalyGenerator.from_config(cfg.generator)
     log(f"ToCoAD training on {dev}: {len(imgs)} images, F={cfg.backbone.name} levels {extractor.layers}")
 
     discriminator = None
